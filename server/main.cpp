@@ -1,0 +1,104 @@
+// SPDX-License-Identifier: MIT
+// fleeced: parse the command line, open the exports, listen, run.
+#include <fcntl.h>
+#include <signal.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+
+#include <spdlog/spdlog.h>
+
+#include "block/file_device.hpp"
+#include "server/export_registry.hpp"
+#include "server/log.hpp"
+#include "server/options.hpp"
+#include "server/server.hpp"
+
+#ifndef FLEECED_VERSION
+#define FLEECED_VERSION "0.0.0"
+#endif
+
+namespace {
+
+using namespace fleeced;
+
+int usage_error(const std::string& message) {
+  std::fprintf(stderr, "fleeced: error: %s\n", message.c_str());
+  return 2;
+}
+
+bool write_pidfile(const std::string& path) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << ::getpid() << "\n";
+    if (!f) return false;
+  }
+  return ::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  server::CommandLine cl;
+  std::string error;
+  if (!server::parse_command_line(args, cl, error)) return usage_error(error);
+  if (cl.help) {
+    std::cout << server::usage_text();
+    return 0;
+  }
+  if (cl.version) {
+    std::cout << "fleeced " << FLEECED_VERSION << "\n";
+    return 0;
+  }
+  spdlog::set_level(spdlog::level::from_str(cl.log_level));
+  server::log().set_level(spdlog::level::from_str(cl.log_level));
+  ::signal(SIGPIPE, SIG_IGN);
+
+  server::ExportRegistry registry;
+  for (const auto& spec : cl.exports) {
+    std::error_code ec;
+    auto device = block::FileDevice::open({.path = spec.file,
+                                           .writable = spec.writable,
+                                           .direct = spec.direct,
+                                           .discard = spec.discard},
+                                          ec);
+    if (!device) {
+      std::fprintf(stderr, "fleeced: error: cannot open '%s' for export '%s': %s\n",
+                   spec.file.c_str(), spec.name.c_str(), ec.message().c_str());
+      return 1;
+    }
+    auto e = std::make_shared<server::Export>();
+    e->name = spec.name;
+    e->description = spec.description;
+    e->device = device;
+    e->writable = spec.writable;
+    (void)registry.add(e);
+    server::log().info("export '{}': {} ({} bytes, {})", spec.name, spec.file, device->size(),
+                       spec.writable ? "writable" : "read-only");
+  }
+
+  server::Server srv(cl.server, registry);
+  if (cl.stdin_mode) {
+    // Logs go to stderr; stdout carries the protocol.
+    srv.serve_stdio(STDIN_FILENO, STDOUT_FILENO);
+  }
+  for (const auto& address : cl.listens) {
+    if (std::error_code ec = srv.listen(address)) {
+      std::fprintf(stderr, "fleeced: error: cannot listen on %s: %s\n", address.to_string().c_str(),
+                   ec.message().c_str());
+      return 1;
+    }
+  }
+  if (!cl.pidfile.empty() && !write_pidfile(cl.pidfile)) {
+    std::fprintf(stderr, "fleeced: error: cannot write pidfile '%s'\n", cl.pidfile.c_str());
+    return 1;
+  }
+  int status = srv.run();
+  if (!cl.pidfile.empty()) ::unlink(cl.pidfile.c_str());
+  server::log().info("exited cleanly");
+  return status;
+}

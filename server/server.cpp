@@ -1,0 +1,291 @@
+// SPDX-License-Identifier: MIT
+#include "server/server.hpp"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/basic_socket_acceptor.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/post.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include "server/log.hpp"
+
+namespace fleeced::server {
+
+namespace {
+
+unsigned cpu_count() {
+  unsigned n = std::thread::hardware_concurrency();
+  return n == 0 ? 2 : n;
+}
+
+}  // namespace
+
+std::string ListenAddress::to_string() const {
+  if (kind == Kind::unix_socket) return "unix:" + path;
+  if (host.find(':') != std::string::npos) return "tcp:[" + host + "]:" + std::to_string(port);
+  return "tcp:" + host + ":" + std::to_string(port);
+}
+
+bool parse_listen_address(std::string_view text, ListenAddress& out, std::string& error) {
+  if (text.starts_with("unix:")) {
+    out.kind = ListenAddress::Kind::unix_socket;
+    out.path = std::string(text.substr(5));
+    if (out.path.empty()) {
+      error = "unix: needs a socket path";
+      return false;
+    }
+    if (out.path.size() >= sizeof(sockaddr_un{}.sun_path)) {
+      error = "unix socket path too long: " + out.path;
+      return false;
+    }
+    return true;
+  }
+  if (text.starts_with("tcp:")) {
+    std::string_view rest = text.substr(4);
+    std::string_view host, port;
+    if (rest.starts_with("[")) {
+      auto close = rest.find("]:");
+      if (close == std::string_view::npos) {
+        error = "expected tcp:[ADDR]:PORT, got '" + std::string(text) + "'";
+        return false;
+      }
+      host = rest.substr(1, close - 1);
+      port = rest.substr(close + 2);
+    } else {
+      auto colon = rest.rfind(':');
+      if (colon == std::string_view::npos) {
+        error = "expected tcp:HOST:PORT, got '" + std::string(text) + "'";
+        return false;
+      }
+      host = rest.substr(0, colon);
+      port = rest.substr(colon + 1);
+    }
+    unsigned long value = 0;
+    std::string port_s(port);
+    char* end = nullptr;
+    value = std::strtoul(port_s.c_str(), &end, 10);
+    if (port_s.empty() || *end != '\0' || value > 65535 || host.empty()) {
+      error = "bad TCP address '" + std::string(text) + "'";
+      return false;
+    }
+    out.kind = ListenAddress::Kind::tcp;
+    out.host = std::string(host);
+    out.port = static_cast<uint16_t>(value);
+    return true;
+  }
+  error = "listen address must start with unix: or tcp:, got '" + std::string(text) + "'";
+  return false;
+}
+
+struct Server::Listener {
+  ListenAddress address;
+  boost::asio::basic_socket_acceptor<boost::asio::generic::stream_protocol> acceptor;
+  explicit Listener(boost::asio::io_context& loop) : acceptor(loop) {}
+};
+
+Server::Server(const ServerOptions& options, ExportRegistry& registry)
+    : options_(options),
+      registry_(registry),
+      io_pool_(options.io_threads ? options.io_threads : std::max(4u, 2 * cpu_count())) {
+  unsigned threads = options.threads ? options.threads : cpu_count();
+  for (unsigned i = 0; i < threads; ++i) {
+    loops_.push_back(std::make_unique<boost::asio::io_context>(1));
+    guards_.push_back(boost::asio::make_work_guard(*loops_.back()));
+  }
+  context_.registry = &registry_;
+  context_.io_pool = &io_pool_;
+  context_.limits = options.limits;
+}
+
+Server::~Server() {
+  for (auto& g : guards_) g.reset();
+  for (auto& l : loops_) l->stop();
+  io_pool_.join();
+}
+
+boost::asio::io_context& Server::next_loop() {
+  unsigned i = next_loop_.fetch_add(1, std::memory_order_relaxed);
+  return *loops_[i % loops_.size()];
+}
+
+std::error_code Server::listen(const ListenAddress& address) {
+  auto l = std::make_unique<Listener>(*loops_.front());
+  l->address = address;
+  boost::system::error_code ec;
+  boost::asio::generic::stream_protocol::endpoint endpoint;
+  if (address.kind == ListenAddress::Kind::unix_socket) {
+    struct stat st {};
+    if (::lstat(address.path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+      ::unlink(address.path.c_str());  // a stale socket from an earlier run
+    }
+    endpoint = boost::asio::local::stream_protocol::endpoint(address.path);
+  } else {
+    auto ip =
+        boost::asio::ip::make_address(address.host == "localhost" ? "127.0.0.1" : address.host, ec);
+    if (ec) return std::make_error_code(std::errc::invalid_argument);
+    endpoint = boost::asio::ip::tcp::endpoint(ip, address.port);
+  }
+  l->acceptor.open(endpoint.protocol(), ec);
+  if (!ec && address.kind == ListenAddress::Kind::tcp) {
+    l->acceptor.set_option(boost::asio::socket_base::reuse_address(true), ec);
+  }
+  if (!ec) l->acceptor.bind(endpoint, ec);
+  if (!ec) l->acceptor.listen(boost::asio::socket_base::max_listen_connections, ec);
+  if (ec) return ec;
+  log().info("listening on {}", address.to_string());
+  listeners_.push_back(std::move(l));
+  return {};
+}
+
+void Server::start_accepting(Listener& l) {
+  boost::asio::co_spawn(
+      *loops_.front(),
+      [this, &l]() -> boost::asio::awaitable<void> {
+        boost::asio::steady_timer backoff(*loops_.front());
+        while (!stopping_) {
+          auto& loop = next_loop();
+          auto [ec, socket] = co_await l.acceptor.async_accept(
+              loop, boost::asio::as_tuple(boost::asio::use_awaitable));
+          if (ec) {
+            if (ec == boost::asio::error::operation_aborted || stopping_) break;
+            log().warn("accept on {} failed: {}", l.address.to_string(), ec.message());
+            backoff.expires_after(std::chrono::milliseconds(100));  // e.g. EMFILE
+            co_await backoff.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+            continue;
+          }
+          if (options_.max_connections && active_.load() >= options_.max_connections) {
+            log().warn("refusing connection on {}: {} connections already (max-connections)",
+                       l.address.to_string(), active_.load());
+            boost::system::error_code ignored;
+            socket.close(ignored);
+            continue;
+          }
+          spawn_connection(loop, std::make_unique<SocketStream>(std::move(socket)));
+        }
+      },
+      boost::asio::detached);
+}
+
+void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream) {
+  uint64_t id = next_id_.fetch_add(1);
+  auto conn = std::make_shared<Connection>(loop.get_executor(), std::move(stream), context_, id);
+  ++active_;
+  {
+    std::lock_guard lock(mu_);
+    connections_[id] = {conn, &loop};
+  }
+  // The lambda keeps the connection alive for as long as its coroutine runs.
+  boost::asio::co_spawn(
+      loop, [conn] { return conn->async_run(); },
+      [this, id](std::exception_ptr e) {
+        if (e) {
+          try {
+            std::rethrow_exception(e);
+          } catch (const std::exception& ex) {
+            log().error("conn {}: ended by exception: {}", id, ex.what());
+          }
+        }
+        {
+          std::lock_guard lock(mu_);
+          connections_.erase(id);
+        }
+        --active_;
+        if (stdio_mode_) stop();
+      });
+}
+
+void Server::serve_stdio(int in_fd, int out_fd) {
+  stdio_mode_ = true;
+  auto& loop = *loops_.front();
+  spawn_connection(loop, std::make_unique<StdioStream>(loop.get_executor(), in_fd, out_fd));
+}
+
+void Server::stop() {
+  if (stopping_.exchange(true)) return;
+  boost::asio::post(*loops_.front(), [this] {
+    log().info("shutting down: {} connection(s) open", active_.load());
+    for (auto& l : listeners_) {
+      boost::system::error_code ignored;
+      l->acceptor.close(ignored);
+      if (l->address.kind == ListenAddress::Kind::unix_socket) ::unlink(l->address.path.c_str());
+    }
+    std::vector<std::pair<std::shared_ptr<Connection>, boost::asio::io_context*>> live;
+    {
+      std::lock_guard lock(mu_);
+      for (auto& [id, entry] : connections_) {
+        if (auto c = entry.first.lock()) live.emplace_back(std::move(c), entry.second);
+      }
+    }
+    for (auto& [conn, loop] : live) {
+      boost::asio::post(*loop, [conn = conn] { conn->stop(); });
+    }
+    // Wait for connections to drain, then stop the loops.
+    auto timer = std::make_shared<boost::asio::steady_timer>(*loops_.front());
+    auto deadline = std::chrono::steady_clock::now() + options_.shutdown_grace;
+    auto poll = std::make_shared<std::function<void()>>();
+    *poll = [this, timer, deadline, poll] {
+      if (active_.load() == 0 || std::chrono::steady_clock::now() >= deadline) {
+        if (active_.load() > 0) {
+          log().warn("shutdown grace period over: dropping {} connection(s)", active_.load());
+        }
+        finish_stop();
+        *poll = nullptr;  // break the self-reference
+        return;
+      }
+      timer->expires_after(std::chrono::milliseconds(20));
+      timer->async_wait([poll](const boost::system::error_code&) {
+        if (*poll) (*poll)();
+      });
+    };
+    (*poll)();
+  });
+}
+
+void Server::finish_stop() {
+  std::lock_guard lock(mu_);
+  finished_ = true;
+  cv_.notify_all();
+}
+
+int Server::run() {
+  boost::asio::signal_set signals(*loops_.front(), SIGINT, SIGTERM);
+  signals.async_wait([this](const boost::system::error_code& ec, int sig) {
+    if (ec) return;
+    log().info("received signal {}", sig);
+    stop();
+  });
+  for (auto& l : listeners_) start_accepting(*l);
+  std::vector<std::thread> threads;
+  for (auto& loop : loops_) {
+    threads.emplace_back([&loop] { loop->run(); });
+  }
+  {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [this] { return finished_; });
+  }
+  boost::system::error_code ignored;
+  signals.cancel(ignored);
+  for (auto& g : guards_) g.reset();
+  for (auto& l : loops_) l->stop();
+  for (auto& t : threads) t.join();
+  io_pool_.join();
+  {
+    std::lock_guard lock(mu_);
+    connections_.clear();
+  }
+  return 0;
+}
+
+}  // namespace fleeced::server

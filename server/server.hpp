@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: MIT
+// Server owns the event loops (one io_context per thread; each connection
+// lives on one of them), the I/O pool, the listeners and the set of live
+// connections. Created and run from main(); stop() may be called from any
+// thread, including a signal handler's completion on a loop.
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <vector>
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/thread_pool.hpp>
+
+#include "server/connection.hpp"
+#include "server/export_registry.hpp"
+
+namespace fleeced::server {
+
+struct ListenAddress {
+  enum class Kind { unix_socket, tcp } kind = Kind::unix_socket;
+  std::string path;   // unix
+  std::string host;   // tcp
+  uint16_t port = 0;  // tcp
+  std::string to_string() const;
+};
+
+// Parses "unix:PATH" or "tcp:HOST:PORT" ("tcp:[::1]:PORT" for IPv6).
+bool parse_listen_address(std::string_view text, ListenAddress& out, std::string& error);
+
+struct ServerOptions {
+  unsigned threads = 0;            // 0 = number of CPUs
+  unsigned io_threads = 0;         // 0 = max(4, 2 * CPUs)
+  unsigned max_connections = 100;  // 0 = unlimited
+  ConnectionLimits limits;
+  std::chrono::milliseconds shutdown_grace{5000};
+};
+
+class Server {
+ public:
+  Server(const ServerOptions& options, ExportRegistry& registry);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Binds and listens now (before run()). Errors: bind/listen errno.
+  std::error_code listen(const ListenAddress& address);
+  // Serves one connection on the given descriptors; the server stops when it ends.
+  void serve_stdio(int in_fd, int out_fd);
+  // Runs until stop() and every connection has ended (or the grace period
+  // passed). Handles SIGINT/SIGTERM as stop(). Returns the exit status.
+  int run();
+  // Graceful stop: close listeners, let in-flight replies go out.
+  void stop();
+
+  std::size_t active_connections() const { return active_.load(); }
+  ServerContext& context() { return context_; }
+  boost::asio::io_context& control_loop() { return *loops_.front(); }
+
+ private:
+  struct Listener;
+  boost::asio::io_context& next_loop();
+  void spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream);
+  void start_accepting(Listener& l);
+  void finish_stop();
+
+  ServerOptions options_;
+  ExportRegistry& registry_;
+  boost::asio::thread_pool io_pool_;
+  ServerContext context_;
+  std::vector<std::unique_ptr<boost::asio::io_context>> loops_;
+  std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
+  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::atomic<unsigned> next_loop_{0};
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<std::size_t> active_{0};
+  std::atomic<bool> stopping_{false};
+  bool stdio_mode_ = false;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool finished_ = false;  // guarded by mu_
+  // Live connections and the loop each runs on; guarded by mu_.
+  std::map<uint64_t, std::pair<std::weak_ptr<Connection>, boost::asio::io_context*>> connections_;
+};
+
+}  // namespace fleeced::server

@@ -1,0 +1,116 @@
+// SPDX-License-Identifier: MIT
+#include "server/stream.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <boost/asio/read.hpp>
+#include <boost/asio/redirect_error.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+
+namespace fleeced::server {
+
+namespace {
+
+std::string describe_peer(asio::generic::stream_protocol::socket& socket) {
+  boost::system::error_code ec;
+  auto endpoint = socket.remote_endpoint(ec);
+  if (ec) return "unknown";
+  const sockaddr* sa = endpoint.data();
+  if (sa->sa_family == AF_UNIX) {
+    ucred cred{};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(socket.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+      return "unix:pid=" + std::to_string(cred.pid);
+    }
+    return "unix";
+  }
+  char host[INET6_ADDRSTRLEN] = {};
+  unsigned port = 0;
+  if (sa->sa_family == AF_INET) {
+    auto* in = reinterpret_cast<const sockaddr_in*>(sa);
+    ::inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    port = ntohs(in->sin_port);
+    return "tcp:" + std::string(host) + ":" + std::to_string(port);
+  }
+  if (sa->sa_family == AF_INET6) {
+    auto* in6 = reinterpret_cast<const sockaddr_in6*>(sa);
+    ::inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    port = ntohs(in6->sin6_port);
+    return "tcp:[" + std::string(host) + "]:" + std::to_string(port);
+  }
+  return "unknown";
+}
+
+}  // namespace
+
+SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
+    : socket_(std::move(socket)), peer_(describe_peer(socket_)) {
+  // The spec asks both sides to set TCP_NODELAY; ignore failure on unix sockets.
+  int one = 1;
+  ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+asio::awaitable<std::size_t> SocketStream::async_read_some(asio::mutable_buffer buffer,
+                                                           std::error_code& ec) {
+  boost::system::error_code bec;
+  std::size_t n =
+      co_await socket_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, bec));
+  ec = bec;
+  co_return n;
+}
+
+asio::awaitable<void> SocketStream::async_write_all(std::span<const asio::const_buffer> buffers,
+                                                    std::error_code& ec) {
+  boost::system::error_code bec;
+  co_await asio::async_write(socket_, buffers, asio::redirect_error(asio::use_awaitable, bec));
+  ec = bec;
+}
+
+void SocketStream::shutdown_receive() {
+  boost::system::error_code ignored;
+  socket_.shutdown(asio::socket_base::shutdown_receive, ignored);
+}
+
+void SocketStream::close() {
+  boost::system::error_code ignored;
+  socket_.shutdown(asio::socket_base::shutdown_both, ignored);
+  socket_.close(ignored);
+}
+
+StdioStream::StdioStream(const asio::any_io_executor& executor, int in_fd, int out_fd)
+    : in_(executor, ::dup(in_fd)), out_(executor, ::dup(out_fd)) {}
+
+asio::awaitable<std::size_t> StdioStream::async_read_some(asio::mutable_buffer buffer,
+                                                          std::error_code& ec) {
+  boost::system::error_code bec;
+  std::size_t n =
+      co_await in_.async_read_some(buffer, asio::redirect_error(asio::use_awaitable, bec));
+  ec = bec;
+  co_return n;
+}
+
+asio::awaitable<void> StdioStream::async_write_all(std::span<const asio::const_buffer> buffers,
+                                                   std::error_code& ec) {
+  boost::system::error_code bec;
+  co_await asio::async_write(out_, buffers, asio::redirect_error(asio::use_awaitable, bec));
+  ec = bec;
+}
+
+void StdioStream::shutdown_receive() {
+  boost::system::error_code ignored;
+  in_.close(ignored);
+}
+
+void StdioStream::close() {
+  boost::system::error_code ignored;
+  in_.close(ignored);
+  out_.close(ignored);
+}
+
+}  // namespace fleeced::server
