@@ -40,6 +40,7 @@ class BufferPool {
     for (std::size_t i = free_.size(); i-- > 0;) {
       if (free_[i].capacity() >= size && free_[i].capacity() <= size * 4 + 65536) {
         Buffer b = std::move(free_[i]);
+        kept_bytes_ -= b.capacity();
         free_[i] = std::move(free_.back());
         free_.pop_back();
         b.resize_within_capacity(size);
@@ -52,14 +53,19 @@ class BufferPool {
   }
   void put(Buffer&& b) {
     if (b.capacity() == 0) return;
-    if (free_.size() < kMaxFree) {
+    if (free_.size() < kMaxFree && kept_bytes_ + b.capacity() <= kMaxKeptBytes) {
+      kept_bytes_ += b.capacity();
       free_.push_back(std::move(b));
     }
   }
 
  private:
-  static constexpr std::size_t kMaxFree = 32;
+  // Enough for a full queue of default-sized requests (64 x 256 KiB) without
+  // going back to the allocator, which maps and unmaps large blocks.
+  static constexpr std::size_t kMaxFree = 128;
+  static constexpr std::size_t kMaxKeptBytes = 64u << 20;
   std::vector<Buffer> free_;
+  std::size_t kept_bytes_ = 0;
 };
 
 }  // namespace fleeced::server

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstring>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -66,6 +67,20 @@ void append_offset_hole(std::vector<std::byte>& out, uint16_t flags, uint64_t co
   (void)p::encode_offset_hole(std::span(out).subspan(at), flags, cookie, offset, length);
 }
 
+// True if every byte is zero; stops at the first non-zero word.
+bool is_all_zero(std::span<const std::byte> data) {
+  std::size_t i = 0;
+  for (; i + 8 <= data.size(); i += 8) {
+    uint64_t w;
+    std::memcpy(&w, data.data() + i, 8);
+    if (w != 0) return false;
+  }
+  for (; i < data.size(); ++i) {
+    if (data[i] != std::byte{0}) return false;
+  }
+  return true;
+}
+
 // Fills `out` with extents covering [offset, offset+length), asking `source`
 // repeatedly; stops after max_extents. Runs on the I/O pool.
 template <typename Source>
@@ -110,6 +125,11 @@ void Connection::stop() {
     stream_->close();
   }
   wake();
+}
+
+void Connection::close_now() {
+  stopping_ = true;
+  fail("export deleted");
 }
 
 asio::awaitable<void> Connection::async_run() {
@@ -392,6 +412,12 @@ asio::awaitable<void> Connection::async_do_read(const p::RequestHeader& h, Reply
     reply_ok(h, r);
     r.data = std::move(buf);
     r.pieces = {{false, 0, r.meta.size()}, {true, 0, r.data.size()}};
+    co_return;
+  }
+  if (extents.empty() && !df && h.length >= kSparseReadThreshold && is_all_zero(buf.span())) {
+    // A page-cache read of a hole: say so instead of sending zeroes.
+    buffers_.put(std::move(buf));
+    append_offset_hole(r.meta, p::kReplyFlagDone, h.cookie, h.offset, h.length);
     co_return;
   }
   if (extents.empty()) {

@@ -65,6 +65,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Graceful stop: no new requests, in-flight replies still go out.
   // Thread: the connection's executor.
   void stop();
+  // Hard stop: closes the stream now; in-flight replies are dropped.
+  // Thread: the connection's executor.
+  void close_now();
+  // The chosen export's state, or null before transmission.
+  // Thread: the connection's executor.
+  const ExportState* export_state() const { return export_ ? export_->state.get() : nullptr; }
 
   uint64_t id() const { return id_; }
   const std::string& peer() const { return peer_; }

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <future>
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/basic_socket_acceptor.hpp>
@@ -104,6 +105,7 @@ Server::Server(const ServerOptions& options, ExportRegistry& registry)
     loops_.push_back(std::make_unique<boost::asio::io_context>(1));
     guards_.push_back(boost::asio::make_work_guard(*loops_.back()));
   }
+  max_connections_.store(options.max_connections);
   context_.registry = &registry_;
   context_.io_pool = &io_pool_;
   context_.limits = options.limits;
@@ -165,7 +167,8 @@ void Server::start_accepting(Listener& l) {
             co_await backoff.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
             continue;
           }
-          if (options_.max_connections && active_.load() >= options_.max_connections) {
+          const unsigned max = max_connections_.load();
+          if (max && active_.load() >= max) {
             log().warn("refusing connection on {}: {} connections already (max-connections)",
                        l.address.to_string(), active_.load());
             boost::system::error_code ignored;
@@ -204,6 +207,51 @@ void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Str
         --active_;
         if (stdio_mode_) stop();
       });
+}
+
+std::error_code Server::listen_now(const ListenAddress& address) {
+  std::promise<std::error_code> done;
+  auto result = done.get_future();
+  boost::asio::post(*loops_.front(), [this, &address, &done] {
+    std::error_code ec = listen(address);
+    if (!ec) start_accepting(*listeners_.back());
+    done.set_value(ec);
+  });
+  return result.get();
+}
+
+void Server::close_listener(const ListenAddress& address) {
+  std::promise<void> done;
+  auto result = done.get_future();
+  boost::asio::post(*loops_.front(), [this, &address, &done] {
+    for (auto it = listeners_.begin(); it != listeners_.end(); ++it) {
+      if ((*it)->address.to_string() != address.to_string()) continue;
+      boost::system::error_code ignored;
+      (*it)->acceptor.close(ignored);
+      if (address.kind == ListenAddress::Kind::unix_socket) ::unlink(address.path.c_str());
+      // The accept loop holds a reference until its aborted accept completes.
+      retired_listeners_.push_back(std::move(*it));
+      listeners_.erase(it);
+      break;
+    }
+    done.set_value();
+  });
+  result.get();
+}
+
+void Server::disconnect_export(const ExportState* state) {
+  std::vector<std::pair<std::shared_ptr<Connection>, boost::asio::io_context*>> live;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [id, entry] : connections_) {
+      if (auto c = entry.first.lock()) live.emplace_back(std::move(c), entry.second);
+    }
+  }
+  for (auto& [conn, loop] : live) {
+    boost::asio::post(*loop, [conn = conn, state] {
+      if (conn->export_state() == state) conn->close_now();
+    });
+  }
 }
 
 void Server::serve_stdio(int in_fd, int out_fd) {

@@ -62,6 +62,14 @@ class Server {
   // Graceful stop: close listeners, let in-flight replies go out.
   void stop();
 
+  // While running: binds, listens and accepts at once. Thread-safe.
+  std::error_code listen_now(const ListenAddress& address);
+  // While running: stops accepting on `address` and removes its socket file.
+  void close_listener(const ListenAddress& address);
+  // Closes every connection serving the export with this state. Thread-safe.
+  void disconnect_export(const ExportState* state);
+  void set_max_connections(unsigned n) { max_connections_.store(n); }
+
   std::size_t active_connections() const { return active_.load(); }
   ServerContext& context() { return context_; }
   boost::asio::io_context& control_loop() { return *loops_.front(); }
@@ -79,11 +87,13 @@ class Server {
   ServerContext context_;
   std::vector<std::unique_ptr<boost::asio::io_context>> loops_;
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
-  std::vector<std::unique_ptr<Listener>> listeners_;
+  std::vector<std::unique_ptr<Listener>> listeners_;          // loop 0 only
+  std::vector<std::unique_ptr<Listener>> retired_listeners_;  // loop 0 only
   std::atomic<unsigned> next_loop_{0};
   std::atomic<uint64_t> next_id_{1};
   std::atomic<std::size_t> active_{0};
   std::atomic<bool> stopping_{false};
+  std::atomic<unsigned> max_connections_{100};
   bool stdio_mode_ = false;
 
   std::mutex mu_;

@@ -68,7 +68,13 @@ asio::awaitable<std::size_t> SocketStream::async_read_some(asio::mutable_buffer 
 asio::awaitable<void> SocketStream::async_write_all(std::span<const asio::const_buffer> buffers,
                                                     std::error_code& ec) {
   boost::system::error_code bec;
-  co_await asio::async_write(socket_, buffers, asio::redirect_error(asio::use_awaitable, bec));
+  // Asio's default completion condition caps each sendmsg at 64 KiB; a
+  // 256 KiB read reply would take four syscalls and four loop turns.
+  auto no_cap = [](const boost::system::error_code& e, std::size_t) -> std::size_t {
+    return e ? 0 : std::size_t{1} << 30;
+  };
+  co_await asio::async_write(socket_, buffers, no_cap,
+                             asio::redirect_error(asio::use_awaitable, bec));
   ec = bec;
 }
 
