@@ -188,6 +188,13 @@ bool parse_command_line(const std::vector<std::string>& args, CommandLine& out,
         return false;
       }
       out.log_level = value;
+    } else if (arg == "--qmp") {
+      if (!need_value()) return false;
+      if (!value.starts_with("unix:") || value.size() == 5) {
+        error = "--qmp expects unix:PATH, got '" + value + "'";
+        return false;
+      }
+      out.qmp_path = value.substr(5);
     } else if (arg == "--pidfile") {
       if (!need_value()) return false;
       out.pidfile = value;
@@ -197,15 +204,15 @@ bool parse_command_line(const std::vector<std::string>& args, CommandLine& out,
     }
   }
   if (out.help || out.version) return true;
-  if (out.exports.empty()) {
-    error = "no --export given (see --help)";
+  if (out.exports.empty() && out.qmp_path.empty()) {
+    error = "nothing to serve: give --export or --qmp (see --help)";
     return false;
   }
   if (out.stdin_mode && !out.listens.empty()) {
     error = "--stdin and --listen cannot be combined";
     return false;
   }
-  if (!out.stdin_mode && out.listens.empty()) {
+  if (!out.stdin_mode && out.listens.empty() && out.qmp_path.empty()) {
     error = "no --listen address given (see --help)";
     return false;
   }
@@ -233,6 +240,9 @@ Limits:
   --max-requests N        requests in flight per connection (default 64)
   --handshake-timeout S   close clients that have not finished negotiating
                           after S seconds, 0 = never (default 10)
+Control:
+  --qmp unix:PATH         QMP control socket (QEMU-compatible subset: block
+                          nodes, dirty bitmaps, NBD server and exports)
 Other:
   --log-level LEVEL       trace, debug, info, warn, error or off (default info)
   --pidfile PATH          write the PID here once every listener is ready

@@ -27,6 +27,7 @@ struct CommandLine {
   bool version = false;
   std::string log_level = "info";
   std::string pidfile;
+  std::string qmp_path;  // --qmp unix:PATH
   ServerOptions server;
 };
 
