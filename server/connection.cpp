@@ -113,7 +113,13 @@ Connection::Connection(asio::any_io_executor executor, std::unique_ptr<Stream> s
       wake_timer_(executor) {}
 
 Connection::~Connection() {
-  if (export_) export_->state->clients.fetch_sub(1, std::memory_order_relaxed);
+  if (!export_) return;
+  if (in_transmission_) export_->state->clients.fetch_sub(1, std::memory_order_relaxed);
+  for (uint32_t index : selected_) {
+    if (index == 0) continue;  // base:allocation has no owner to tell
+    const auto& release = export_->meta_contexts[index - 1].on_release;
+    if (release) release();
+  }
 }
 
 void Connection::stop() {

@@ -26,8 +26,8 @@ struct MetaContextSource {
   // on success); flags are the context's own. Runs on the I/O pool.
   std::function<std::error_code(uint64_t offset, uint64_t length, std::vector<block::Extent>& out)>
       extents;
-  // Optional: called once per connection that selects this context, and on
-  // disconnect; lets the owner keep the source busy while in use.
+  // Optional: called when a connection that had selected this context in
+  // transmission ends (any thread).
   std::function<void()> on_release;
 };
 

@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <chrono>
 #include <future>
 
@@ -73,11 +74,10 @@ bool parse_listen_address(std::string_view text, ListenAddress& out, std::string
       host = rest.substr(0, colon);
       port = rest.substr(colon + 1);
     }
-    unsigned long value = 0;
-    std::string port_s(port);
-    char* end = nullptr;
-    value = std::strtoul(port_s.c_str(), &end, 10);
-    if (port_s.empty() || *end != '\0' || value > 65535 || host.empty()) {
+    unsigned value = 0;
+    auto [ptr, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+    if (port.empty() || ec != std::errc() || ptr != port.data() + port.size() || value > 65535 ||
+        host.empty()) {
       error = "bad TCP address '" + std::string(text) + "'";
       return false;
     }
