@@ -46,14 +46,7 @@ stage_tsan() {
   # suites that drive many connections at once.
   cmake --preset tsan >/dev/null &&
     cmake --build --preset tsan &&
-    ctest --preset tsan -R 'Connection|ExportRegistry|interop/(nbdcopy|raw-malformed)'
-}
-
-stage_tsan_report() {
-  if ! stage_tsan; then
-    echo "TSan stage reported problems (not gating yet; see above)"
-  fi
-  return 0
+    ctest --preset tsan -R 'Negotiation|Transmission|Connection|ExportRegistry|interop/(nbdcopy|raw-malformed|python-commands)'
 }
 
 stage_fuzz() {
@@ -74,7 +67,7 @@ for s in $stages; do
     debug) run_stage debug stage_preset debug ;;
     asan) run_stage asan stage_preset asan ;;
     # TSan reports are shown but do not gate yet (first runs on this code).
-    tsan) run_stage tsan-report stage_tsan_report ;;
+    tsan) run_stage tsan stage_tsan ;;
     fuzz) run_stage fuzz stage_fuzz ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
