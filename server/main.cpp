@@ -10,7 +10,8 @@
 
 #include <spdlog/spdlog.h>
 
-#include "block/file_device.hpp"
+#include "server/control/control_plane.hpp"
+#include "server/control/qmp_server.hpp"
 #include "server/export_registry.hpp"
 #include "server/log.hpp"
 #include "server/options.hpp"
@@ -54,22 +55,19 @@ int main(int argc, char** argv) {
     std::cout << "fleeced " << FLEECED_VERSION << "\n";
     return 0;
   }
-  if (!cl.qmp_path.empty()) {
-    // The control socket lands with the dirty-bitmap work (issue 3).
-    return usage_error("--qmp: the control socket is not available in this build yet");
-  }
   spdlog::set_level(spdlog::level::from_str(cl.log_level));
   server::log().set_level(spdlog::level::from_str(cl.log_level));
   ::signal(SIGPIPE, SIG_IGN);
 
   server::ExportRegistry registry;
+  server::Server srv(cl.server, registry);
+  server::control::ControlPlane control(srv, registry);
   for (const auto& spec : cl.exports) {
     std::error_code ec;
-    auto device = block::FileDevice::open({.path = spec.file,
-                                           .writable = spec.writable,
-                                           .direct = spec.direct,
-                                           .discard = spec.discard},
-                                          ec);
+    // Command-line exports are ordinary nodes ("NAME-file" and "NAME"), so
+    // the control socket can put bitmaps on them.
+    auto device = control.add_command_line_disk(spec.name, spec.file, spec.writable, spec.direct,
+                                                spec.discard, ec);
     if (!device) {
       std::fprintf(stderr, "fleeced: error: cannot open '%s' for export '%s': %s\n",
                    spec.file.c_str(), spec.name.c_str(), ec.message().c_str());
@@ -85,7 +83,6 @@ int main(int argc, char** argv) {
                        spec.writable ? "writable" : "read-only");
   }
 
-  server::Server srv(cl.server, registry);
   if (cl.stdin_mode) {
     // Logs go to stderr; stdout carries the protocol.
     srv.serve_stdio(STDIN_FILENO, STDOUT_FILENO);
@@ -97,11 +94,27 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  server::control::CommandTable commands;
+  control.register_commands(commands, [&srv] { srv.stop(); });
+  std::unique_ptr<server::control::QmpServer> qmp;
+  if (!cl.qmp_path.empty()) {
+    boost::json::object version{
+        {"qemu", boost::json::object{{"major", 7}, {"minor", 2}, {"micro", 0}}},
+        {"package", "fleeced " FLEECED_VERSION}};
+    qmp = std::make_unique<server::control::QmpServer>(commands, version);
+    if (std::error_code ec = qmp->listen(cl.qmp_path)) {
+      std::fprintf(stderr, "fleeced: error: cannot listen on unix:%s (QMP): %s\n",
+                   cl.qmp_path.c_str(), ec.message().c_str());
+      return 1;
+    }
+    qmp->start();
+  }
   if (!cl.pidfile.empty() && !write_pidfile(cl.pidfile)) {
     std::fprintf(stderr, "fleeced: error: cannot write pidfile '%s'\n", cl.pidfile.c_str());
     return 1;
   }
   int status = srv.run();
+  if (qmp) qmp->stop();
   if (!cl.pidfile.empty()) ::unlink(cl.pidfile.c_str());
   server::log().info("exited cleanly");
   return status;

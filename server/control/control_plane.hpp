@@ -1,0 +1,83 @@
+// SPDX-License-Identifier: MIT
+// ControlPlane owns the block graph and the control-side state (QMP exports,
+// the QMP-started NBD server) and registers every QMP command handler. All
+// handlers run on the control thread, one at a time; they validate every
+// argument before changing anything.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+
+#include "block/node_graph.hpp"
+#include "server/control/qmp.hpp"
+#include "server/export_registry.hpp"
+#include "server/server.hpp"
+
+namespace fleeced::server::control {
+
+class ControlPlane {
+ public:
+  ControlPlane(Server& server, ExportRegistry& registry);
+
+  // Registers the commands; `quit` calls on_quit.
+  void register_commands(CommandTable& table, std::function<void()> on_quit);
+
+  // Builds "NAME-file" (file) and "NAME" (raw) nodes for a command-line
+  // export and returns the raw node's device. Before the server runs.
+  block::DevicePtr add_command_line_disk(const std::string& name, const std::string& filename,
+                                         bool writable, bool direct, bool discard,
+                                         std::error_code& ec);
+
+  block::NodeGraph& graph() { return graph_; }
+
+ private:
+  struct QmpExport {
+    std::string id;
+    std::string name;  // NBD export name
+    std::string node;
+    std::vector<block::NodeBitmapPtr> bitmaps;  // marked busy while exported
+    ExportPtr exported;
+  };
+
+  // Handlers (server/control/*_commands.cpp).
+  CommandResult cmd_blockdev_add(Args& a);
+  CommandResult cmd_blockdev_del(Args& a);
+  CommandResult cmd_query_named_block_nodes(Args& a);
+  CommandResult cmd_nbd_server_start(Args& a);
+  CommandResult cmd_nbd_server_stop(Args& a, EventSink& events);
+  CommandResult cmd_block_export_add(Args& a);
+  CommandResult cmd_block_export_del(Args& a, EventSink& events);
+  CommandResult cmd_query_block_exports(Args& a);
+  CommandResult cmd_transaction(Args& a, EventSink& events);
+
+  // A bitmap action applied now; `undo` reverts it (transaction rollback).
+  struct Applied {
+    std::function<void()> undo;    // reverts the in-memory change
+    std::function<void()> commit;  // makes it durable once every action succeeded
+  };
+  using ActionResult = std::variant<Applied, QmpError>;
+  ActionResult act_bitmap(std::string_view type, Args& a);
+  ActionResult act_bitmap_add(Args& a);
+  ActionResult act_bitmap_remove(Args& a);
+  ActionResult act_bitmap_clear(Args& a);
+  ActionResult act_bitmap_enable(Args& a, bool enable);
+  ActionResult act_bitmap_merge(Args& a);
+  CommandResult run_actions(const std::vector<std::function<ActionResult()>>& actions);
+
+  // Lookup helpers producing QEMU's error texts.
+  block::NodePtr node_or_error(std::string_view name, QmpError& err) const;
+  block::NodeBitmapPtr bitmap_or_error(std::string_view node, std::string_view name,
+                                       QmpError& err) const;
+  void delete_export(QmpExport& e, EventSink& events);
+
+  Server& server_;
+  ExportRegistry& registry_;
+  block::NodeGraph graph_;
+  std::map<std::string, QmpExport> exports_;  // by id
+  std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
+};
+
+}  // namespace fleeced::server::control
