@@ -432,6 +432,7 @@ void PersistentBitmap::begin_commit(std::unique_lock<std::mutex>& lock) {
 void PersistentBitmap::end_commit(std::unique_lock<std::mutex>& lock, std::error_code ec,
                                   bool sticky) {
   assert(lock.owns_lock());
+  (void)lock;  // only checked in debug builds
   committing_ = false;
   if (ec && sticky && !sticky_error_) {
     sticky_error_ = ec;

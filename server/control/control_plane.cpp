@@ -75,23 +75,43 @@ block::DevicePtr ControlPlane::add_command_line_disk(const std::string& name,
   auto file = std::make_shared<block::FileNode>(name + "-file", filename, device);
   auto raw = std::make_shared<block::RawNode>(name, file, discard, filename, graph_.gate());
   if ((ec = graph_.add(file)) || (ec = graph_.add(raw))) return nullptr;
-  for (const auto& path : block::PersistentBitmap::list(filename)) {
-    std::error_code load_ec;
-    auto pb = block::PersistentBitmap::open(path, load_ec);
+  std::string error;
+  auto loaded = load_persistent_bitmaps(filename, device->size(), error);
+  if (!loaded) {
+    // The export still works; the bitmaps stay on disk untouched for a later start.
+    log().error("node '{}': {}", name, error);
+    loaded.emplace();
+  }
+  for (auto& b : *loaded) {
+    log().info("node '{}': loaded persistent bitmap '{}' ({} dirty bytes)", name, b->name,
+               b->bits->count_bytes());
+    raw->add_bitmap(b);
+  }
+  return raw;
+}
+
+std::optional<std::vector<block::NodeBitmapPtr>> ControlPlane::load_persistent_bitmaps(
+    const std::string& image_path, uint64_t disk_size, std::string& error) {
+  std::vector<block::NodeBitmapPtr> out;
+  for (const auto& path : block::PersistentBitmap::list(image_path)) {
+    std::error_code ec;
+    auto pb = block::PersistentBitmap::open(path, ec);
     if (!pb) {
-      log().error("node '{}': cannot load persistent bitmap {}: {}", name, path, load_ec.message());
-      continue;
+      error = "Could not load persistent bitmap '" + path + "': " + ec.message();
+      return std::nullopt;
+    }
+    if (pb->bitmap().disk_size() != disk_size) {
+      error = "Persistent bitmap '" + path + "' does not match the size of '" + image_path + "'";
+      return std::nullopt;
     }
     auto b = std::make_shared<block::NodeBitmap>();
     b->name = pb->name();
     b->recording = pb->recording();
     b->persistent = std::shared_ptr<block::PersistentBitmap>(std::move(pb));
     b->bits = std::shared_ptr<block::DirtyBitmap>(b->persistent, &b->persistent->bitmap());
-    raw->add_bitmap(b);
-    log().info("node '{}': loaded persistent bitmap '{}' ({} dirty bytes)", name, b->name,
-               b->bits->count_bytes());
+    out.push_back(std::move(b));
   }
-  return raw;
+  return out;
 }
 
 block::NodePtr ControlPlane::node_or_error(std::string_view name, QmpError& err) const {
@@ -149,24 +169,10 @@ CommandResult ControlPlane::cmd_blockdev_add(Args& a) {
     // Persistent bitmaps stored beside the image come back with the node.
     std::vector<block::NodeBitmapPtr> loaded;
     if (!image_path.empty()) {
-      for (const auto& path : block::PersistentBitmap::list(image_path)) {
-        std::error_code ec;
-        auto pb = block::PersistentBitmap::open(path, ec);
-        if (!pb) {
-          return CommandResult::fail("Could not load persistent bitmap '" + path +
-                                     "': " + ec.message());
-        }
-        if (pb->bitmap().disk_size() != child->device()->size()) {
-          return CommandResult::fail("Persistent bitmap '" + path +
-                                     "' does not match the size of '" + *file + "'");
-        }
-        auto b = std::make_shared<block::NodeBitmap>();
-        b->name = pb->name();
-        b->recording = pb->recording();
-        b->persistent = std::shared_ptr<block::PersistentBitmap>(std::move(pb));
-        b->bits = std::shared_ptr<block::DirtyBitmap>(b->persistent, &b->persistent->bitmap());
-        loaded.push_back(b);
-      }
+      std::string error;
+      auto found = load_persistent_bitmaps(image_path, child->device()->size(), error);
+      if (!found) return CommandResult::fail(error);
+      loaded = std::move(*found);
     }
     auto raw = std::make_shared<block::RawNode>(
         *node_name, child, discard.value_or("ignore") == "unmap", image_path, graph_.gate());

@@ -72,6 +72,10 @@ class ControlPlane {
   block::NodeBitmapPtr bitmap_or_error(std::string_view node, std::string_view name,
                                        QmpError& err) const;
   void delete_export(QmpExport& e, EventSink& events);
+  // Persistent bitmaps stored beside image_path; nullopt (and error) if one
+  // cannot be loaded or does not match disk_size.
+  static std::optional<std::vector<block::NodeBitmapPtr>> load_persistent_bitmaps(
+      const std::string& image_path, uint64_t disk_size, std::string& error);
 
   Server& server_;
   ExportRegistry& registry_;
