@@ -158,8 +158,14 @@ bool DirtyBitmap::is_dirty(uint64_t offset) const {
 
 uint64_t DirtyBitmap::count_bytes() const {
   std::lock_guard lock(mu_);
-  // dirty_ < granules_ implies dirty_ * granularity_ < disk_size_ (no overflow).
-  return dirty_ >= granules_ ? disk_size_ : std::min(dirty_ * granularity_, disk_size_);
+  // Dirty bytes inside the disk: the sum of the dirty extents' lengths, so a
+  // backup tool's "bytes pulled" equals it. Only the last granule can be
+  // partial; it counts up to the end of the disk.
+  if (dirty_ == 0) return 0;
+  const uint64_t last = granules_ - 1;
+  const bool last_dirty = (words_[last / 64] >> (last % 64)) & 1;
+  const uint64_t whole = last_dirty ? dirty_ - 1 : dirty_;
+  return whole * granularity_ + (last_dirty ? disk_size_ - last * granularity_ : 0);
 }
 
 uint64_t DirtyBitmap::dirty_granules() const {

@@ -304,13 +304,21 @@ TEST(DirtyBitmap, EmptyDiskHasNoGranules) {
   bm.clear();
 }
 
-TEST(DirtyBitmap, CountBytesIsGranulesTimesGranularityCappedAtDiskSize) {
-  // control-api.md 3.8: dirty granules x granularity, capped at the disk size.
+TEST(DirtyBitmap, CountBytesIsTheSumOfDirtyExtents) {
+  // control-api.md 3.8 and 6.1: granules x granularity, the partial last
+  // granule counted up to the end of the disk, so count == sum of extents.
   DirtyBitmap bm(100 * kKiB, 65536);
   bm.set_range(70 * kKiB, 1);  // the partial last granule alone
-  EXPECT_EQ(bm.count_bytes(), 65536u);
+  EXPECT_EQ(bm.count_bytes(), 36 * kKiB);
+  std::vector<Extent> ext;
+  bm.extents(0, 100 * kKiB, 100, ext);
+  uint64_t dirty = 0;
+  for (const auto& e : ext) dirty += e.flags ? e.length : 0;
+  EXPECT_EQ(dirty, 36 * kKiB);
   bm.set_range(0, 1);
   EXPECT_EQ(bm.count_bytes(), 100 * kKiB);
+  bm.reset_range(64 * kKiB, 36 * kKiB);
+  EXPECT_EQ(bm.count_bytes(), 64 * kKiB);
 }
 
 TEST(DirtyBitmap, NextDirtyAndNextCleanKeepOffsetInsideItsGranule) {

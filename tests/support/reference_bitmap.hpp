@@ -65,7 +65,14 @@ class ReferenceBitmap {
     return static_cast<uint64_t>(std::count(bits_.begin(), bits_.end(), true));
   }
 
-  uint64_t count_bytes() const { return std::min(dirty_granules() * granularity_, disk_size_); }
+  // Dirty bytes inside the disk (the last granule may be partial).
+  uint64_t count_bytes() const {
+    uint64_t n = 0;
+    for (uint64_t g = 0; g < bits_.size(); ++g) {
+      if (bits_[g]) n += std::min<uint64_t>(granularity_, disk_size_ - g * granularity_);
+    }
+    return n;
+  }
 
   // First byte >= offset in the given state (offset itself if its granule is).
   uint64_t next_in_state(uint64_t offset, bool dirty) const {
