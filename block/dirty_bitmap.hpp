@@ -39,7 +39,8 @@ class DirtyBitmap {
   void merge_from(const DirtyBitmap& other);
 
   bool is_dirty(uint64_t offset) const;
-  // Dirty bytes: dirty granules x granularity, capped at the disk size.
+  // Dirty bytes inside the disk: dirty granules x granularity, the partial
+  // last granule counted to the end of the disk (= sum of dirty extents).
   uint64_t count_bytes() const;
   uint64_t dirty_granules() const;
   // First dirty (or clean) byte offset >= offset: offset itself if its
