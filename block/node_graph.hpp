@@ -86,6 +86,8 @@ class RawNode final : public Node, public Device, public std::enable_shared_from
   void remove_bitmap(std::string_view name);
   // Switches the child (blockdev-reopen). Call with the gate paused.
   void set_child(NodePtr child);
+  // blockdev-reopen may change discard too. Call with the gate paused.
+  void set_discard_unmap(bool unmap) { discard_unmap_ = unmap; }
 
   // Device.
   uint64_t size() const override;
@@ -110,8 +112,8 @@ class RawNode final : public Node, public Device, public std::enable_shared_from
   NodePtr child_;
   DevicePtr child_device_;
   std::vector<NodeBitmapPtr> bitmaps_;
-  // Immutable.
   bool discard_unmap_;
+  // Immutable.
   std::string image_path_;
   IoGate& gate_;
 };

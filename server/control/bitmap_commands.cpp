@@ -264,6 +264,7 @@ CommandResult ControlPlane::cmd_transaction(Args& a, EventSink&) {
         return generic("Transaction aborted using Abort action");
       }
       if (t.starts_with("block-dirty-bitmap-")) return act_bitmap(t, *args);
+      if (t == "blockdev-backup") return act_blockdev_backup(*args);
       return generic("Transaction action '" + t + "' is not supported");
     });
   }

@@ -50,6 +50,10 @@ void ControlPlane::register_commands(CommandTable& table, std::function<void()> 
   table.add("block-export-del", with_events(&ControlPlane::cmd_block_export_del));
   table.add("query-block-exports", simple(&ControlPlane::cmd_query_block_exports));
   table.add("transaction", with_events(&ControlPlane::cmd_transaction));
+  table.add("blockdev-reopen", simple(&ControlPlane::cmd_blockdev_reopen));
+  table.add("blockdev-backup", simple(&ControlPlane::cmd_blockdev_backup));
+  table.add("query-block-jobs", simple(&ControlPlane::cmd_query_block_jobs));
+  table.add("block-job-cancel", with_events(&ControlPlane::cmd_block_job_cancel));
   for (const char* type :
        {"block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
         "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge"}) {
@@ -185,6 +189,8 @@ CommandResult ControlPlane::cmd_blockdev_add(Args& a) {
     log().info("blockdev-add: raw node '{}' over '{}'", *node_name, *file);
     return CommandResult::ok();
   }
+  if (*driver == "copy-before-write") return blockdev_add_cbw(*node_name, a);
+  if (*driver == "snapshot-access") return blockdev_add_snapshot_access(*node_name, a);
   return CommandResult::fail("Driver '" + *driver + "' is not supported yet");
 }
 
@@ -199,6 +205,10 @@ CommandResult ControlPlane::cmd_blockdev_del(Args& a) {
   for (const auto& e : registry_.list()) {
     if (e->device == n->device()) return CommandResult::fail("Node " + *node_name + " is in use");
   }
+  if (!job_using(*n).empty()) {
+    return CommandResult::fail("Node '" + *node_name +
+                               "' is busy: block device is in use by block job: backup");
+  }
   if (!graph_.parents_of(*n).empty()) {
     if (n->driver() == "file") {
       return CommandResult::fail("Block device " + *node_name + " is in use");
@@ -206,6 +216,10 @@ CommandResult ControlPlane::cmd_blockdev_del(Args& a) {
     return CommandResult::fail("Node " + *node_name + " is in use");
   }
   graph_.remove(*node_name);
+  if (auto cbw = std::dynamic_pointer_cast<fleece::CbwNode>(n)) {
+    // The fleece is over: the scratch space goes back.
+    cbw->cbw()->release();
+  }
   log().info("blockdev-del: node '{}'", *node_name);
   return CommandResult::ok();
 }

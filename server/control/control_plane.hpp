@@ -12,6 +12,7 @@
 #include <variant>
 
 #include "block/node_graph.hpp"
+#include "fleece/nodes.hpp"
 #include "server/control/qmp.hpp"
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
@@ -34,6 +35,18 @@ class ControlPlane {
   block::NodeGraph& graph() { return graph_; }
 
  private:
+  // A fleecing backup job (blockdev-backup sync=none): its filter sits
+  // between `raw` and raw's former file child until the job is cancelled.
+  struct Job {
+    std::string id;
+    std::shared_ptr<block::RawNode> raw;
+    block::NodePtr target;
+    std::shared_ptr<fleece::CbwNode> filter;
+  };
+  // Id of the job using `node` as target or filter ("" if none).
+  std::string job_using(const block::Node& node) const;
+  json::object job_info(const Job& job) const;
+
   struct QmpExport {
     std::string id;
     std::string name;  // NBD export name
@@ -52,6 +65,13 @@ class ControlPlane {
   CommandResult cmd_block_export_del(Args& a, EventSink& events);
   CommandResult cmd_query_block_exports(Args& a);
   CommandResult cmd_transaction(Args& a, EventSink& events);
+  // Fleecing (server/control/fleece_commands.cpp).
+  CommandResult blockdev_add_cbw(const std::string& node_name, Args& a);
+  CommandResult blockdev_add_snapshot_access(const std::string& node_name, Args& a);
+  CommandResult cmd_blockdev_reopen(Args& a);
+  CommandResult cmd_blockdev_backup(Args& a);
+  CommandResult cmd_query_block_jobs(Args& a);
+  CommandResult cmd_block_job_cancel(Args& a, EventSink& events);
 
   // A bitmap action applied now; `undo` reverts it (transaction rollback).
   struct Applied {
@@ -65,6 +85,7 @@ class ControlPlane {
   ActionResult act_bitmap_clear(Args& a);
   ActionResult act_bitmap_enable(Args& a, bool enable);
   ActionResult act_bitmap_merge(Args& a);
+  ActionResult act_blockdev_backup(Args& a);
   CommandResult run_actions(const std::vector<std::function<ActionResult()>>& actions);
 
   // Lookup helpers producing QEMU's error texts.
@@ -81,6 +102,7 @@ class ControlPlane {
   ExportRegistry& registry_;
   block::NodeGraph graph_;
   std::map<std::string, QmpExport> exports_;  // by id
+  std::map<std::string, Job> jobs_;           // by job id
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
 };
 
