@@ -6,6 +6,7 @@
 
 #include <cstring>
 
+#include "block/blkdebug.hpp"
 #include "block/file_device.hpp"
 #include "protocol/nbd.hpp"
 #include "server/log.hpp"
@@ -118,6 +119,61 @@ std::optional<std::vector<block::NodeBitmapPtr>> ControlPlane::load_persistent_b
   return out;
 }
 
+// blkdebug: {"image": NODE, "inject-error": [{"event": E, "iotype": T,
+// "errno": N, "sector": S, "once": B}], "x-delay-ms": MS}. A testing driver:
+// QEMU's syntax for the rules it has, plus x-delay-ms (delays every write).
+CommandResult ControlPlane::blockdev_add_blkdebug(const std::string& node_name, Args& a) {
+  auto image = a.string("image", true);
+  const json::array* inject = a.array("inject-error", false);
+  auto delay = a.uint32("x-delay-ms", false);
+  for (const char* k :
+       {"config", "align", "set-state", "read-only", "auto-read-only", "cache", "discard"}) {
+    a.allow(k);
+  }
+  if (!a.finish()) return {json::object(), a.error()};
+  if (graph_.find(node_name)) {
+    return CommandResult::fail("Duplicate nodes with node-name='" + node_name + "'");
+  }
+  std::vector<block::InjectRule> rules;
+  if (inject) {
+    for (std::size_t i = 0; i < inject->size(); ++i) {
+      const std::string prefix = "inject-error[" + std::to_string(i) + "].";
+      if (!(*inject)[i].is_object()) {
+        return CommandResult::fail("Invalid parameter type for 'inject-error[" + std::to_string(i) +
+                                   "]', expected: object");
+      }
+      Args r(&(*inject)[i].as_object(), prefix);
+      r.string("event", true);
+      auto iotype = r.enumeration(
+          "iotype", {"read", "write", "write-zeroes", "discard", "flush", "block-status"}, false);
+      auto err = r.int64("errno", false);
+      auto sector = r.int64("sector", false);
+      auto once = r.boolean("once", false);
+      r.allow("state");
+      r.allow("immediately");
+      if (!r.finish()) return {json::object(), r.error()};
+      block::InjectRule rule;
+      if (iotype == "read") rule.types = {block::IoType::read};
+      if (iotype == "write") rule.types = {block::IoType::write};
+      if (iotype == "write-zeroes") rule.types = {block::IoType::write_zeroes};
+      if (iotype == "discard") rule.types = {block::IoType::discard};
+      if (iotype == "flush") rule.types = {block::IoType::flush};
+      rule.error = static_cast<int>(err.value_or(5));
+      rule.sector = sector.value_or(-1);
+      rule.once = once.value_or(false);
+      rules.push_back(rule);
+    }
+  }
+  QmpError qerr;
+  block::NodePtr child = node_or_error(*image, qerr);
+  if (!child) return {json::object(), qerr};
+  auto device = std::make_shared<block::BlkdebugDevice>(
+      child->device(), std::move(rules), std::chrono::milliseconds(delay.value_or(0)));
+  (void)graph_.add(std::make_shared<block::BlkdebugNode>(node_name, child, device));
+  log().info("blockdev-add: blkdebug node '{}' over '{}'", node_name, *image);
+  return CommandResult::ok();
+}
+
 block::NodePtr ControlPlane::node_or_error(std::string_view name, QmpError& err) const {
   block::NodePtr n = graph_.find(name);
   if (!n) err.desc = not_found_node(name);
@@ -128,7 +184,8 @@ block::NodePtr ControlPlane::node_or_error(std::string_view name, QmpError& err)
 
 CommandResult ControlPlane::cmd_blockdev_add(Args& a) {
   auto driver = a.enumeration(
-      "driver", {"file", "raw", "qcow2", "copy-before-write", "snapshot-access", "nbd"}, true);
+      "driver", {"file", "raw", "qcow2", "copy-before-write", "snapshot-access", "nbd", "blkdebug"},
+      true);
   auto node_name = a.string("node-name", true);
   if (!a.ok()) return {json::object(), a.error()};
   if (*driver == "file") {
@@ -189,6 +246,7 @@ CommandResult ControlPlane::cmd_blockdev_add(Args& a) {
     log().info("blockdev-add: raw node '{}' over '{}'", *node_name, *file);
     return CommandResult::ok();
   }
+  if (*driver == "blkdebug") return blockdev_add_blkdebug(*node_name, a);
   if (*driver == "copy-before-write") return blockdev_add_cbw(*node_name, a);
   if (*driver == "snapshot-access") return blockdev_add_snapshot_access(*node_name, a);
   return CommandResult::fail("Driver '" + *driver + "' is not supported yet");

@@ -66,6 +66,7 @@ class ControlPlane {
   CommandResult cmd_query_block_exports(Args& a);
   CommandResult cmd_transaction(Args& a, EventSink& events);
   // Fleecing (server/control/fleece_commands.cpp).
+  CommandResult blockdev_add_blkdebug(const std::string& node_name, Args& a);
   CommandResult blockdev_add_cbw(const std::string& node_name, Args& a);
   CommandResult blockdev_add_snapshot_access(const std::string& node_name, Args& a);
   CommandResult cmd_blockdev_reopen(Args& a);
