@@ -46,7 +46,7 @@ stage_tsan() {
   # suites that drive many connections at once.
   cmake --preset tsan >/dev/null &&
     cmake --build --preset tsan &&
-    ctest --preset tsan -R 'Negotiation|Transmission|Connection|ExportRegistry|interop/(nbdcopy|raw-malformed|python-commands)'
+    ctest --preset tsan -R 'Negotiation|Transmission|Connection|ExportRegistry|CbwTest|DirtyBitmap|PersistentBitmap|IoGate|interop/(nbdcopy|raw-malformed|python-commands|fleece-consistency|bitmap-crash)'
 }
 
 stage_fuzz() {

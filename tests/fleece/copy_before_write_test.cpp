@@ -66,7 +66,7 @@ class FaultyDevice final : public block::Device {
   MemoryDevice inner_;
 };
 
-struct Fixture : ::testing::Test {
+struct CbwTest : ::testing::Test {
   static constexpr uint64_t kSize = 2 * 1024 * kKiB + 5000;  // partial last cluster
   std::shared_ptr<MemoryDevice> source = std::make_shared<MemoryDevice>(kSize);
   std::shared_ptr<FaultyDevice> target = std::make_shared<FaultyDevice>(kSize);
@@ -101,7 +101,7 @@ struct Fixture : ::testing::Test {
   }
 };
 
-TEST_F(Fixture, RejectsSmallTargetBadClusterAndWrongBitmapSize) {
+TEST_F(CbwTest, RejectsSmallTargetBadClusterAndWrongBitmapSize) {
   std::error_code ec;
   auto small = std::make_shared<MemoryDevice>(kSize - 1);
   EXPECT_FALSE(CopyBeforeWrite::create(source, small, {}, ec));
@@ -113,7 +113,7 @@ TEST_F(Fixture, RejectsSmallTargetBadClusterAndWrongBitmapSize) {
   EXPECT_FALSE(CopyBeforeWrite::create(source, target, {.bitmap = &other}, ec));
 }
 
-TEST_F(Fixture, WritesZeroesAndDiscardsKeepThePointInTime) {
+TEST_F(CbwTest, WritesZeroesAndDiscardsKeepThePointInTime) {
   fill();
   take();
   // Live changes: unaligned write, write across clusters, zeroes, discard,
@@ -132,7 +132,7 @@ TEST_F(Fixture, WritesZeroesAndDiscardsKeepThePointInTime) {
   EXPECT_TRUE(std::all_of(z.begin(), z.end(), [](std::byte b) { return b == std::byte{0}; }));
 }
 
-TEST_F(Fixture, CopiesEachClusterOnceAndSkipsZeroClusters) {
+TEST_F(CbwTest, CopiesEachClusterOnceAndSkipsZeroClusters) {
   fill();
   take();
   ASSERT_FALSE(cbw->write(0, pattern(100, 2), false));
@@ -156,7 +156,7 @@ TEST_F(Fixture, CopiesEachClusterOnceAndSkipsZeroClusters) {
   expect_point_in_time();
 }
 
-TEST_F(Fixture, SnapshotAllocationIsThePointInTime) {
+TEST_F(CbwTest, SnapshotAllocationIsThePointInTime) {
   // Source: data in cluster 0 only. Then the live disk zeroes it and writes
   // cluster 5: the snapshot still reports data at 0 and a hole at 5.
   ASSERT_FALSE(source->write(0, pattern(kCluster, 1), false));
@@ -181,7 +181,7 @@ TEST_F(Fixture, SnapshotAllocationIsThePointInTime) {
   EXPECT_EQ(read_all(*snap, 0, kCluster), pattern(kCluster, 1));
 }
 
-TEST_F(Fixture, BitmapLimitsWhatIsCopiedAndReadable) {
+TEST_F(CbwTest, BitmapLimitsWhatIsCopiedAndReadable) {
   fill();
   block::DirtyBitmap bm(kSize, 65536);
   bm.set_range(2 * kCluster, kCluster);  // only cluster 2
@@ -197,7 +197,7 @@ TEST_F(Fixture, BitmapLimitsWhatIsCopiedAndReadable) {
   EXPECT_EQ(snap->extents(0, kCluster, ext), std::errc::permission_denied);
 }
 
-TEST_F(Fixture, BreakGuestWriteFailsTheLiveWriteAndKeepsTheSnapshot) {
+TEST_F(CbwTest, BreakGuestWriteFailsTheLiveWriteAndKeepsTheSnapshot) {
   fill();
   take();
   target->fail = true;
@@ -207,7 +207,7 @@ TEST_F(Fixture, BreakGuestWriteFailsTheLiveWriteAndKeepsTheSnapshot) {
   expect_point_in_time();
 }
 
-TEST_F(Fixture, BreakSnapshotLetsTheWriteThroughAndFailsLaterReads) {
+TEST_F(CbwTest, BreakSnapshotLetsTheWriteThroughAndFailsLaterReads) {
   fill();
   take({.on_error = OnCbwError::break_snapshot});
   target->fail = true;
@@ -225,7 +225,7 @@ TEST_F(Fixture, BreakSnapshotLetsTheWriteThroughAndFailsLaterReads) {
   EXPECT_EQ(target->writes, writes);
 }
 
-TEST_F(Fixture, TimeoutCountsAsAFailedCopy) {
+TEST_F(CbwTest, TimeoutCountsAsAFailedCopy) {
   fill();
   take({.on_error = OnCbwError::break_snapshot, .timeout = std::chrono::milliseconds(20)});
   target->delay_ms = 60;
@@ -235,7 +235,7 @@ TEST_F(Fixture, TimeoutCountsAsAFailedCopy) {
   EXPECT_EQ(snap->read(0, out), std::errc::io_error);
 }
 
-TEST_F(Fixture, ReleasePunchesTheTargetAndEndsTheSnapshot) {
+TEST_F(CbwTest, ReleasePunchesTheTargetAndEndsTheSnapshot) {
   fill();
   take();
   ASSERT_FALSE(cbw->write(0, pattern(3 * kCluster, 2), false));
@@ -249,7 +249,7 @@ TEST_F(Fixture, ReleasePunchesTheTargetAndEndsTheSnapshot) {
   EXPECT_FALSE(cbw->write(5 * kCluster, pattern(10, 3), false));
 }
 
-TEST_F(Fixture, SnapshotRejectsWritesAndOutOfRange) {
+TEST_F(CbwTest, SnapshotRejectsWritesAndOutOfRange) {
   take();
   EXPECT_TRUE(snap->capabilities().read_only);
   EXPECT_TRUE(snap->capabilities().can_multi_conn);
@@ -258,7 +258,7 @@ TEST_F(Fixture, SnapshotRejectsWritesAndOutOfRange) {
   EXPECT_EQ(snap->read(kSize - 1, out), std::errc::invalid_argument);
 }
 
-TEST_F(Fixture, TryReadNeverBlocksOnAHeldRange) {
+TEST_F(CbwTest, TryReadNeverBlocksOnAHeldRange) {
   fill();
   take();
   target->delay_ms = 200;
@@ -277,7 +277,7 @@ TEST_F(Fixture, TryReadNeverBlocksOnAHeldRange) {
 
 // Many writers and readers at once: every snapshot read is the point in
 // time, every cluster is copied at most once, the live disk ends as written.
-TEST_F(Fixture, ConcurrentWritersAndReadersSeeThePointInTime) {
+TEST_F(CbwTest, ConcurrentWritersAndReadersSeeThePointInTime) {
   fill();
   take();
   std::atomic<bool> bad{false};
