@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <thread>
 
 namespace fleeced::fleece {
 
@@ -152,23 +153,51 @@ std::error_code CopyBeforeWrite::copy_before(uint64_t offset, uint64_t length) {
   std::error_code ec;
   if (!lock(first, last, true, deadline)) {
     ec = errno_code(ETIMEDOUT);
+  } else if (!deadline) {
+    ec = copy_locked(first, last);
   } else {
-    bool skip;
-    {
-      std::lock_guard lk(mu_);
-      skip = broken_ || released_;
-    }
-    if (!skip) ec = copy_clusters(first, last);
-    if (!ec && deadline && std::chrono::steady_clock::now() > *deadline) {
+    // Copy on a helper thread so this write waits at most until the
+    // deadline; a late copy finishes (and unlocks) in the background.
+    struct Shared {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false;
+      std::error_code ec;
+    };
+    auto shared = std::make_shared<Shared>();
+    std::thread([self = shared_from_this(), shared, first, last] {
+      std::error_code copy_ec = self->copy_locked(first, last);
+      std::lock_guard lk(shared->mu);
+      shared->ec = copy_ec;
+      shared->done = true;
+      shared->cv.notify_all();
+    }).detach();
+    std::unique_lock lk(shared->mu);
+    if (shared->cv.wait_until(lk, *deadline, [&] { return shared->done; })) {
+      ec = shared->ec;
+    } else {
       ec = errno_code(ETIMEDOUT);
     }
-    unlock(first, last, true);
   }
   if (!ec) return {};
   if (on_error_ == OnCbwError::break_snapshot) {
     break_snapshot(ec);
     return {};
   }
+  // A timed-out copy is a storage failure for the client (NBD EIO), not an
+  // invalid request (QEMU would send EINVAL for ETIMEDOUT).
+  if (ec == std::errc::timed_out) return errno_code(EIO);
+  return ec;
+}
+
+std::error_code CopyBeforeWrite::copy_locked(uint64_t first, uint64_t last) {
+  bool skip;
+  {
+    std::lock_guard lk(mu_);
+    skip = broken_ || released_;
+  }
+  std::error_code ec = skip ? std::error_code() : copy_clusters(first, last);
+  unlock(first, last, true);
   return ec;
 }
 

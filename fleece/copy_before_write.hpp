@@ -35,8 +35,8 @@ enum class OnCbwError {
 struct CbwOptions {
   uint32_t cluster_size = 64 * 1024;
   OnCbwError on_error = OnCbwError::break_guest_write;
-  // 0 = none. A live write that waited longer than this for its copy counts
-  // as a failed copy and on_error decides.
+  // 0 = none. A live write waits at most this long for its copy; then the
+  // copy counts as failed (on_error decides) and finishes in the background.
   std::chrono::milliseconds timeout{0};
   // Only these clusters are protected and readable (null: the whole disk).
   const block::DirtyBitmap* bitmap = nullptr;
@@ -49,7 +49,8 @@ struct CbwStats {
   bool broken = false;
 };
 
-class CopyBeforeWrite final : public block::Device {
+class CopyBeforeWrite final : public block::Device,
+                              public std::enable_shared_from_this<CopyBeforeWrite> {
  public:
   // Errors: EINVAL if the target is smaller than the source, read-only, or
   // the bitmap's size differs from the source.
@@ -110,6 +111,8 @@ class CopyBeforeWrite final : public block::Device {
   // Copies what [offset, offset+length) still needs; applies on_error.
   std::error_code copy_before(uint64_t offset, uint64_t length);
   std::error_code copy_clusters(uint64_t first, uint64_t last);  // exclusive lock held
+  // copy_clusters unless broken/released, then releases the exclusive lock.
+  std::error_code copy_locked(uint64_t first, uint64_t last);
   void break_snapshot(std::error_code ec);
   std::error_code snapshot_state() const;  // EIO if broken/released
   // Reads [offset, offset+len) of the snapshot; lock held. try_only: never block.

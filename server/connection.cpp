@@ -113,8 +113,8 @@ Connection::Connection(asio::any_io_executor executor, std::unique_ptr<Stream> s
       wake_timer_(executor) {}
 
 Connection::~Connection() {
+  if (claimed_) claimed_->state->clients.fetch_sub(1);
   if (!export_) return;
-  if (in_transmission_) export_->state->clients.fetch_sub(1, std::memory_order_relaxed);
   for (uint32_t index : selected_) {
     if (index == 0) continue;  // base:allocation has no owner to tell
     const auto& release = export_->meta_contexts[index - 1].on_release;
@@ -157,7 +157,6 @@ asio::awaitable<void> Connection::async_run() {
     stream_->close();
     co_return;
   }
-  export_->state->clients.fetch_add(1, std::memory_order_relaxed);
   log().debug("conn {} {}: transmission on export '{}' structured={} contexts={}", id_, peer_,
               export_->name, structured_, selected_.size());
   in_transmission_ = true;

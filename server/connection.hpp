@@ -89,6 +89,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<bool> async_option_export_name(std::span<const std::byte> payload);
   asio::awaitable<bool> async_send_now(const std::vector<std::byte>& bytes);
   void choose_export(ExportPtr e);
+  // Counts this connection as a client of e; false if e is being deleted.
+  bool claim_export(const ExportPtr& e);
 
   // --- connection.cpp: buffered reading ---
   asio::awaitable<bool> async_read_exact(std::span<std::byte> out);
@@ -143,6 +145,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool stopping_ = false;
   bool failed_ = false;
   bool in_transmission_ = false;
+  ExportPtr claimed_;  // counted in its state->clients (GO/EXPORT_NAME chosen)
   uint32_t in_flight_ = 0;
   uint64_t in_flight_bytes_ = 0;
   asio::steady_timer wake_timer_;

@@ -45,6 +45,19 @@ asio::awaitable<bool> Connection::async_send_now(const std::vector<std::byte>& b
   co_return true;
 }
 
+bool Connection::claim_export(const ExportPtr& e) {
+  // Counted before the reply goes out, so a safe block-export-del racing
+  // with this client either sees it (and refuses) or has already marked the
+  // export closing, which this check sees (seq_cst on both sides).
+  e->state->clients.fetch_add(1);
+  if (e->state->closing.load()) {
+    e->state->clients.fetch_sub(1);
+    return false;
+  }
+  claimed_ = e;
+  return true;
+}
+
 void Connection::choose_export(ExportPtr e) {
   // The selection counts only if the last SET_META_CONTEXT named this export.
   if (meta_export_ != e) meta_selected_.clear();
@@ -156,7 +169,7 @@ asio::awaitable<bool> Connection::async_option_export_name(std::span<const std::
     co_return false;
   }
   ExportPtr e = context_.registry->find(name);
-  if (!e) {
+  if (!e || !claim_export(e)) {
     // EXPORT_NAME cannot carry an error: the spec says to end the session.
     log().info("conn {} {}: closing: NBD_OPT_EXPORT_NAME for unknown export {}", id_, peer_,
                quoted(name));
@@ -193,7 +206,7 @@ asio::awaitable<bool> Connection::async_option_info(uint32_t option,
     co_return co_await async_send_now(out);
   }
   ExportPtr e = context_.registry->find(req.name);
-  if (!e) {
+  if (!e || (option == u32(p::Option::go) && !claim_export(e))) {
     p::append_reply_error(out, option, p::OptionReply::err_unknown,
                           "export " + quoted(req.name) + " not present");
     co_return co_await async_send_now(out);

@@ -69,6 +69,7 @@ class Server {
   // Closes every connection serving the export with this state. Thread-safe.
   void disconnect_export(const ExportState* state);
   void set_max_connections(unsigned n) { max_connections_.store(n); }
+  unsigned max_connections() const { return max_connections_.load(); }
 
   std::size_t active_connections() const { return active_.load(); }
   ServerContext& context() { return context_; }

@@ -240,22 +240,29 @@ CommandResult ControlPlane::cmd_transaction(Args& a, EventSink&) {
       return CommandResult::fail("Invalid parameter type for 'actions[" + std::to_string(i) +
                                  "]', expected: object");
     }
-    Args env(&item.as_object());
-    auto type = env.enumeration(
+    // QEMU 7.2 names the union's discriminator without its path
+    // ("Parameter 'type' ...") but the other members with it
+    // ("Parameter 'actions[0].data' is missing").
+    Args discriminator(&item.as_object());
+    auto type = discriminator.enumeration(
         "type",
         {"abort", "block-dirty-bitmap-add", "block-dirty-bitmap-remove", "block-dirty-bitmap-clear",
          "block-dirty-bitmap-enable", "block-dirty-bitmap-disable", "block-dirty-bitmap-merge",
          "blockdev-backup", "blockdev-snapshot", "blockdev-snapshot-internal-sync",
          "blockdev-snapshot-sync", "drive-backup"},
         true);
+    if (!discriminator.ok()) return {json::object(), discriminator.error()};
+    Args env(&item.as_object(), "actions[" + std::to_string(i) + "].");
+    env.allow("type");
     const json::object* data = env.object("data", true);
     if (!env.finish()) return {json::object(), env.error()};
     parsed.emplace_back(*type, data);
   }
   std::vector<std::unique_ptr<Args>> arg_holders;
   std::vector<std::function<ActionResult()>> steps;
-  for (const auto& [type, data] : parsed) {
-    arg_holders.push_back(std::make_unique<Args>(data));
+  for (std::size_t i = 0; i < parsed.size(); ++i) {
+    const auto& [type, data] = parsed[i];
+    arg_holders.push_back(std::make_unique<Args>(data, "actions[" + std::to_string(i) + "].data."));
     Args* args = arg_holders.back().get();
     std::string t = type;
     steps.push_back([this, t, args]() -> ActionResult {

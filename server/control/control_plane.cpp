@@ -33,7 +33,7 @@ json::object bitmap_info(const block::NodeBitmap& b) {
 }  // namespace
 
 ControlPlane::ControlPlane(Server& server, ExportRegistry& registry)
-    : server_(server), registry_(registry) {}
+    : server_(server), registry_(registry), default_max_connections_(server.max_connections()) {}
 
 void ControlPlane::register_commands(CommandTable& table, std::function<void()> on_quit) {
   auto simple = [this](CommandResult (ControlPlane::*fn)(Args&)) {
@@ -350,7 +350,8 @@ CommandResult ControlPlane::cmd_nbd_server_start(Args& a) {
     return CommandResult::fail("Failed to bind socket to " + address.to_string() + ": " +
                                ec.message());
   }
-  if (max_connections) server_.set_max_connections(*max_connections);
+  // Without max-connections the command line's limit applies again.
+  server_.set_max_connections(max_connections ? *max_connections : default_max_connections_);
   nbd_address_ = address;
   return CommandResult::ok();
 }
@@ -489,8 +490,15 @@ CommandResult ControlPlane::cmd_block_export_del(Args& a, EventSink& events) {
   auto it = exports_.find(*id);
   if (it == exports_.end()) return CommandResult::fail("Export '" + *id + "' is not found");
   QmpExport& e = it->second;
-  if (mode.value_or("safe") == "safe" && e.exported->state->clients.load() > 0) {
-    return CommandResult::fail("export '" + e.name + "' still in use");
+  if (mode.value_or("safe") == "safe") {
+    // Mark it closing before looking at the client count: a client that
+    // chooses the export concurrently either is counted here or sees the
+    // mark and is refused (Connection::claim_export).
+    e.exported->state->closing.store(true);
+    if (e.exported->state->clients.load() > 0) {
+      e.exported->state->closing.store(false);
+      return CommandResult::fail("export '" + e.id + "' still in use");
+    }
   }
   delete_export(e, events);
   return CommandResult::ok();

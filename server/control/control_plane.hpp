@@ -105,6 +105,7 @@ class ControlPlane {
   std::map<std::string, QmpExport> exports_;  // by id
   std::map<std::string, Job> jobs_;           // by job id
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
+  unsigned default_max_connections_;          // --max-connections
 };
 
 }  // namespace fleeced::server::control

@@ -24,6 +24,21 @@ std::string job_busy(std::string_view node) {
   return "Node '" + std::string(node) + "' is busy: block device is in use by block job: backup";
 }
 
+// True if `node` is `target` or has it below (a child, a child's child...).
+bool reaches(const block::NodePtr& node, const block::Node* target, int depth = 0) {
+  if (node.get() == target) return true;
+  if (depth > 64) return true;  // deeper than any graph we build: treat as a cycle
+  for (const auto& c : node->children()) {
+    if (reaches(c, target, depth + 1)) return true;
+  }
+  return false;
+}
+
+std::string cycle_text(std::string_view child, std::string_view parent) {
+  return "Making '" + std::string(child) + "' a child of '" + std::string(parent) +
+         "' would create a cycle";
+}
+
 }  // namespace
 
 std::string ControlPlane::job_using(const block::Node& node) const {
@@ -54,6 +69,14 @@ CommandResult ControlPlane::blockdev_add_cbw(const std::string& node_name, Args&
   if (!job_using(*target_node).empty()) return CommandResult::fail(job_busy(*target));
   if (file_node == target_node) {
     return CommandResult::fail("The target of copy-before-write must differ from its file");
+  }
+  // A target that is (or sits over) the filtered file would copy into
+  // itself through the filter once inserted: refuse it now.
+  if (reaches(target_node, file_node.get())) {
+    return CommandResult::fail(cycle_text(*target, node_name));
+  }
+  for (const auto& p : graph_.parents_of(*file_node)) {
+    if (reaches(target_node, p.get())) return CommandResult::fail(cycle_text(*target, node_name));
   }
   fleece::CbwOptions options;
   if (bitmap) {
@@ -186,6 +209,9 @@ CommandResult ControlPlane::cmd_blockdev_reopen(Args& a) {
                                    "over its current file is supported");
       }
     }
+    if (child != current && reaches(child, raw.get())) {
+      return CommandResult::fail(cycle_text(child->name(), raw->name()));
+    }
     changes.push_back({raw, child, discard.value_or("ignore") == "unmap"});
   }
   block::GatePause pause(graph_.gate());
@@ -235,7 +261,7 @@ ControlPlane::ActionResult ControlPlane::act_blockdev_backup(Args& a) {
     return generic("Duplicate nodes with node-name='" + filter_name + "'");
   }
   block::NodePtr file_node = raw->child();
-  if (target_node == file_node || target_node == raw) {
+  if (reaches(target_node, file_node.get()) || reaches(target_node, raw.get())) {
     return generic("Cannot use '" + *target + "' as the backup target of '" + *device + "'");
   }
   fleece::CbwOptions options;

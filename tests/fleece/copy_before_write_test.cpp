@@ -43,6 +43,7 @@ class FaultyDevice final : public block::Device {
   std::atomic<bool> fail{false};
   std::atomic<int> writes{0};
   std::atomic<int> delay_ms{0};
+  std::atomic<bool> hold{false};  // writes wait while set (bounded: 10 s)
   uint64_t size() const override { return inner_.size(); }
   block::Capabilities capabilities() const override { return inner_.capabilities(); }
   std::error_code read(uint64_t o, std::span<std::byte> out) override {
@@ -51,6 +52,8 @@ class FaultyDevice final : public block::Device {
   std::error_code write(uint64_t o, std::span<const std::byte> d, bool fua) override {
     ++writes;
     if (delay_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms.load()));
+    for (int i = 0; i < 10000 && hold; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
     if (fail) return {ENOSPC, std::generic_category()};
     return inner_.write(o, d, fua);
   }
@@ -225,14 +228,47 @@ TEST_F(CbwTest, BreakSnapshotLetsTheWriteThroughAndFailsLaterReads) {
   EXPECT_EQ(target->writes, writes);
 }
 
-TEST_F(CbwTest, TimeoutCountsAsAFailedCopy) {
-  fill();
-  take({.on_error = OnCbwError::break_snapshot, .timeout = std::chrono::milliseconds(20)});
-  target->delay_ms = 60;
-  EXPECT_FALSE(cbw->write(0, pattern(10, 2), false));
+// The target blocks until released: a live write with cbw-timeout must come
+// back while the copy is still stuck (no wall-clock assertions: the stuck
+// copy is what proves the write did not wait for it).
+void write_while_target_hangs(CbwTest& t, OnCbwError policy, std::error_code& result) {
+  t.fill();
+  t.take({.on_error = policy, .timeout = std::chrono::milliseconds(20)});
+  t.target->hold = true;
+  std::atomic<bool> done{false};
+  std::thread writer([&] {
+    result = t.cbw->write(0, pattern(10, 2), false);
+    done = true;
+  });
+  for (int i = 0; i < 5000 && !done; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  EXPECT_TRUE(done) << "the live write waited for a copy that cannot finish";
+  EXPECT_TRUE(t.target->hold) << "the copy was released before the write returned";
+  t.target->hold = false;  // let the background copy finish
+  writer.join();
+}
+
+TEST_F(CbwTest, TimeoutBreaksTheSnapshotWithoutWaitingForTheCopy) {
+  std::error_code ec;
+  write_while_target_hangs(*this, OnCbwError::break_snapshot, ec);
+  EXPECT_FALSE(ec);
   EXPECT_TRUE(cbw->stats().broken);
+  EXPECT_EQ(read_all(*source, 0, 10), pattern(10, 2));
   Bytes out(10);
   EXPECT_EQ(snap->read(0, out), std::errc::io_error);
+}
+
+TEST_F(CbwTest, TimeoutFailsTheGuestWriteWithEio) {
+  std::error_code ec;
+  write_while_target_hangs(*this, OnCbwError::break_guest_write, ec);
+  EXPECT_EQ(ec, std::errc::io_error);
+  EXPECT_EQ(read_all(*source, 0, 10), Bytes(before.begin(), before.begin() + 10));
+  // The copy finished in the background: the snapshot is intact and a
+  // retried write goes through.
+  for (int i = 0; i < 5000 && cbw->stats().copied_bytes == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_FALSE(cbw->write(0, pattern(10, 2), false));
+  expect_point_in_time();
 }
 
 TEST_F(CbwTest, ReleasePunchesTheTargetAndEndsTheSnapshot) {
