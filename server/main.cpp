@@ -79,6 +79,7 @@ int main(int argc, char** argv) {
     e->device = device;
     e->writable = spec.writable;
     (void)registry.add(e);
+    control.adopt_command_line_export(e);
     server::log().info("export '{}': {} ({} bytes, {})", spec.name, spec.file, device->size(),
                        spec.writable ? "writable" : "read-only");
   }
@@ -94,6 +95,9 @@ int main(int argc, char** argv) {
       return 1;
     }
   }
+  // Like qemu-storage-daemon's --nbd-server: exports added over QMP are
+  // served on the command-line listeners too, without nbd-server-start.
+  control.set_command_line_listeners(!cl.listens.empty());
   server::control::CommandTable commands;
   control.register_commands(commands, [&srv] { srv.stop(); });
   std::unique_ptr<server::control::QmpServer> qmp;

@@ -174,6 +174,10 @@ CommandResult ControlPlane::blockdev_add_blkdebug(const std::string& node_name, 
   return CommandResult::ok();
 }
 
+void ControlPlane::adopt_command_line_export(ExportPtr e) {
+  exports_[e->name] = QmpExport{e->name, e->name, e->name, {}, e, true};
+}
+
 block::NodePtr ControlPlane::node_or_error(std::string_view name, QmpError& err) const {
   block::NodePtr n = graph_.find(name);
   if (!n) err.desc = not_found_node(name);
@@ -372,7 +376,11 @@ void ControlPlane::delete_export(QmpExport& e, EventSink& events) {
 CommandResult ControlPlane::cmd_nbd_server_stop(Args& a, EventSink& events) {
   if (!a.finish()) return {json::object(), a.error()};
   if (!nbd_address_) return CommandResult::fail("NBD server not running");
-  while (!exports_.empty()) delete_export(exports_.begin()->second, events);
+  for (auto it = exports_.begin(); it != exports_.end();) {
+    auto next = std::next(it);
+    if (!it->second.from_command_line) delete_export(it->second, events);
+    it = next;
+  }
   server_.close_listener(*nbd_address_);
   nbd_address_.reset();
   return CommandResult::ok();
@@ -391,7 +399,9 @@ CommandResult ControlPlane::cmd_block_export_add(Args& a) {
   a.string("iothread", false);
   a.boolean("fixed-iothread", false);
   if (!a.finish()) return {json::object(), a.error()};
-  if (!nbd_address_) return CommandResult::fail("NBD server not running");
+  if (!nbd_address_ && !command_line_listeners_) {
+    return CommandResult::fail("NBD server not running");
+  }
   if (exports_.count(*id)) {
     return CommandResult::fail("Block export id '" + *id + "' is already in use");
   }

@@ -32,6 +32,12 @@ class ControlPlane {
                                          bool writable, bool direct, bool discard,
                                          std::error_code& ec);
 
+  // A command-line export: listed by query-block-exports (id = name) and
+  // deletable with block-export-del; nbd-server-stop leaves it alone.
+  void adopt_command_line_export(ExportPtr e);
+  // --listen addresses exist: block-export-add works without nbd-server-start.
+  void set_command_line_listeners(bool present) { command_line_listeners_ = present; }
+
   block::NodeGraph& graph() { return graph_; }
 
  private:
@@ -53,6 +59,7 @@ class ControlPlane {
     std::string node;
     std::vector<block::NodeBitmapPtr> bitmaps;  // marked busy while exported
     ExportPtr exported;
+    bool from_command_line = false;
   };
 
   // Handlers (server/control/*_commands.cpp).
@@ -106,6 +113,7 @@ class ControlPlane {
   std::map<std::string, Job> jobs_;           // by job id
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
   unsigned default_max_connections_;          // --max-connections
+  bool command_line_listeners_ = false;
 };
 
 }  // namespace fleeced::server::control
