@@ -278,10 +278,13 @@ start_fleeced() {
     fi
 }
 
+# _is_zombie PID: true if the process is a zombie or already gone (reaped
+# between a kill -0 and this check: /proc/PID no longer exists).
 _is_zombie() {
     local state
-    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 1
-    [ "$state" = Z ]
+    [ -r "/proc/$1/stat" ] || return 0
+    state=$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null) || return 0
+    [ -z "$state" ] || [ "$state" = Z ]
 }
 
 _forget_fleeced() {
