@@ -54,14 +54,17 @@ std::error_code RawNode::mark(uint64_t offset, uint64_t length) {
   return {};
 }
 
-bool RawNode::try_mark(uint64_t offset, uint64_t length) {
+bool RawNode::try_mark_durable(uint64_t offset, uint64_t length) const {
   for (const auto& b : bitmaps_) {
     if (b->recording && b->persistent && !b->persistent->is_durable(offset, length)) return false;
   }
+  return true;
+}
+
+void RawNode::mark_memory(uint64_t offset, uint64_t length) {
   for (const auto& b : bitmaps_) {
     if (b->recording && !b->persistent) b->bits->set_range(offset, length);
   }
-  return true;
 }
 
 std::error_code RawNode::read(uint64_t offset, std::span<std::byte> out) {
@@ -85,8 +88,15 @@ std::error_code RawNode::write(uint64_t offset, std::span<const std::byte> data,
 std::error_code RawNode::try_write(uint64_t offset, std::span<const std::byte> data) {
   auto guard = gate_.try_enter();
   if (!guard) return would_block();
-  if (!try_mark(offset, data.size())) return would_block();
-  return child_device_->try_write(offset, data);
+  // Persistent bits must already be durable; in-memory ones are set only
+  // if the write is really attempted now (a would-block retry on the pool
+  // may run after a bitmap rotation and must mark the new bitmap, not the
+  // frozen one). The gate is held throughout, so no transaction can fall
+  // between the write and its mark.
+  if (!try_mark_durable(offset, data.size())) return would_block();
+  std::error_code ec = child_device_->try_write(offset, data);
+  if (ec != std::errc::operation_would_block) mark_memory(offset, data.size());
+  return ec;
 }
 
 std::error_code RawNode::write_zeroes(uint64_t offset, uint64_t length, ZeroFlags flags) {

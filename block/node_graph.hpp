@@ -105,8 +105,10 @@ class RawNode final : public Node, public Device, public std::enable_shared_from
  private:
   // Marks recording bitmaps; persistent ones durably. Inside the gate.
   std::error_code mark(uint64_t offset, uint64_t length);
-  // Non-blocking mark: false if a persistent bitmap would need a sync.
-  bool try_mark(uint64_t offset, uint64_t length);
+  // True if every recording persistent bitmap already has the range durable.
+  bool try_mark_durable(uint64_t offset, uint64_t length) const;
+  // Marks the recording in-memory bitmaps.
+  void mark_memory(uint64_t offset, uint64_t length);
 
   // Changed only while the gate is paused; read inside the gate.
   NodePtr child_;

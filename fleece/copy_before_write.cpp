@@ -31,6 +31,10 @@ bool all_zero(const std::byte* p, std::size_t n) {
   return true;
 }
 
+// Point-in-time holes inside copied clusters are remembered at this
+// granularity, so base:allocation of the snapshot stays exact.
+constexpr uint32_t kHoleGranularity = 4096;
+
 // Copies are read and written in chunks of at most this many bytes.
 constexpr uint64_t kCopyChunk = 1024 * 1024;
 
@@ -62,7 +66,8 @@ CopyBeforeWrite::CopyBeforeWrite(block::DevicePtr source, block::DevicePtr targe
       timeout_(options.timeout),
       access_(size_, cluster_),
       done_(size_, cluster_),
-      zero_(size_, cluster_) {
+      zero_(size_, cluster_),
+      hole_(size_, std::min<uint32_t>(cluster_, kHoleGranularity)) {
   if (options.bitmap) {
     access_.merge_from(*options.bitmap);
   } else {
@@ -244,6 +249,9 @@ std::error_code CopyBeforeWrite::copy_clusters(uint64_t first, uint64_t last) {
         }
       }
       if (std::error_code ec = flush_data(n)) return ec;
+      // Where the copied range was unallocated at the point in time, so the
+      // snapshot's base:allocation stays exact (allocated zeroes are data).
+      if (std::error_code ec = mark_holes(at, n)) return ec;
       for (auto [zoff, zlen] : zeros) zero_.set_range(zoff, zlen);
       done_.set_range(at, n);
       {
@@ -255,6 +263,27 @@ std::error_code CopyBeforeWrite::copy_clusters(uint64_t first, uint64_t last) {
       at += n;
     }
     c = (run_end + cluster_ - 1) / cluster_;
+  }
+  return {};
+}
+
+std::error_code CopyBeforeWrite::mark_holes(uint64_t at, uint64_t n) {
+  std::vector<block::Extent> ext;
+  for (uint64_t pos = at; pos < at + n;) {
+    ext.clear();
+    if (std::error_code ec = source_->extents(pos, at + n - pos, ext)) return ec;
+    if (ext.empty()) break;
+    for (const auto& e : ext) {
+      if (e.flags & block::kExtentHole) {
+        // Inward to the hole granularity, except at the end of the disk.
+        const uint64_t g = hole_.granularity();
+        const uint64_t first = (e.offset + g - 1) / g * g;
+        const uint64_t end = e.offset + e.length;
+        const uint64_t last = end == size_ ? end : end / g * g;
+        if (first < last) hole_.set_range(first, last - first);
+      }
+      pos = e.offset + e.length;
+    }
   }
   return {};
 }
@@ -402,13 +431,11 @@ std::error_code CopyBeforeWrite::snapshot_extents(uint64_t offset, uint64_t leng
     const uint64_t access_end = std::min(access_.next_clean(pos), end);
     if (done_.is_dirty(pos)) {
       uint64_t run_end;
-      if (zero_.is_dirty(pos)) {
-        run_end = std::min({zero_.next_clean(pos), done_.next_clean(pos), access_end});
-        append(pos, run_end - pos, block::kExtentHole | block::kExtentZero);
-      } else {
-        run_end = std::min({zero_.next_dirty(pos), done_.next_clean(pos), access_end});
-        append(pos, run_end - pos, 0);
-      }
+      // Copied: the point-in-time allocation was recorded at copy time.
+      const bool hole = hole_.is_dirty(pos);
+      run_end = std::min({hole ? hole_.next_clean(pos) : hole_.next_dirty(pos),
+                          done_.next_clean(pos), access_end});
+      append(pos, run_end - pos, hole ? block::kExtentHole | block::kExtentZero : 0);
       pos = run_end;
       continue;
     }

@@ -113,6 +113,8 @@ class CopyBeforeWrite final : public block::Device,
   std::error_code copy_clusters(uint64_t first, uint64_t last);  // exclusive lock held
   // copy_clusters unless broken/released, then releases the exclusive lock.
   std::error_code copy_locked(uint64_t first, uint64_t last);
+  // Sets hole_ where the source has [at, at+n) unallocated (before the copy).
+  std::error_code mark_holes(uint64_t at, uint64_t n);
   void break_snapshot(std::error_code ec);
   std::error_code snapshot_state() const;  // EIO if broken/released
   // Reads [offset, offset+len) of the snapshot; lock held. try_only: never block.
@@ -127,10 +129,14 @@ class CopyBeforeWrite final : public block::Device,
   std::chrono::milliseconds timeout_;
 
   // Granularity = cluster. `access_`: clusters the snapshot can read;
-  // `done_`: copied (or found zero); `zero_`: copied clusters that were all zero.
+  // `done_`: copied (or found zero); `zero_`: copied clusters that were all
+  // zero (not stored in the target); `hole_` (4 KiB granules): what was
+  // unallocated in the source when a cluster was copied (reported
+  // hole|zero; the rest of a copied cluster is reported as data).
   block::DirtyBitmap access_;
   block::DirtyBitmap done_;
   block::DirtyBitmap zero_;
+  block::DirtyBitmap hole_;
 
   mutable std::mutex mu_;
   std::condition_variable cv_;

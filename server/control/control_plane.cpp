@@ -267,14 +267,23 @@ CommandResult ControlPlane::cmd_blockdev_del(Args& a) {
   for (const auto& e : registry_.list()) {
     if (e->device == n->device()) return CommandResult::fail("Node " + *node_name + " is in use");
   }
-  if (!job_using(*n).empty()) {
+  if (const std::string job = job_using(*n); !job.empty()) {
+    // QEMU 7.2: the job's filter is "in use"; its target is "busy".
+    if (std::dynamic_pointer_cast<fleece::CbwNode>(n)) {
+      return CommandResult::fail("Node " + *node_name + " is in use");
+    }
     return CommandResult::fail("Node '" + *node_name +
                                "' is busy: block device is in use by block job: backup");
   }
-  if (!graph_.parents_of(*n).empty()) {
-    if (n->driver() == "file") {
-      return CommandResult::fail("Block device " + *node_name + " is in use");
+  if (const auto parents = graph_.parents_of(*n); !parents.empty()) {
+    // A node that is some format node's "file" child is a "block device".
+    bool file_child = n->driver() == "file";
+    for (const auto& p : parents) {
+      if (auto raw = std::dynamic_pointer_cast<block::RawNode>(p); raw && raw->child() == n) {
+        file_child = true;
+      }
     }
+    if (file_child) return CommandResult::fail("Block device " + *node_name + " is in use");
     return CommandResult::fail("Node " + *node_name + " is in use");
   }
   graph_.remove(*node_name);

@@ -153,7 +153,14 @@ CommandResult ControlPlane::cmd_blockdev_reopen(Args& a) {
     Args o(&item.as_object(), prefix);
     auto driver = o.string("driver", true);
     auto node_name = o.string("node-name", false);
-    auto file = o.string("file", false);
+    if (driver && node_name) {
+      // A different driver is refused before its options are looked at.
+      block::NodePtr existing = graph_.find(*node_name);
+      if (existing && existing->driver() != *driver) {
+        return CommandResult::fail("Cannot change the option 'driver'");
+      }
+    }
+    auto file = o.string("file", true);  // a raw node's file is required, as in QEMU
     auto discard = o.enumeration("discard", {"ignore", "unmap"}, false);
     o.allow("read-only");
     o.allow("auto-read-only");

@@ -44,6 +44,7 @@ class FaultyDevice final : public block::Device {
   std::atomic<int> writes{0};
   std::atomic<int> delay_ms{0};
   std::atomic<bool> hold{false};  // writes wait while set (bounded: 10 s)
+  bool all_data = false;          // extents: everything allocated (like a file of zeroes)
   uint64_t size() const override { return inner_.size(); }
   block::Capabilities capabilities() const override { return inner_.capabilities(); }
   std::error_code read(uint64_t o, std::span<std::byte> out) override {
@@ -64,6 +65,11 @@ class FaultyDevice final : public block::Device {
     return inner_.discard(o, l, fua);
   }
   std::error_code flush() override { return {}; }
+  std::error_code extents(uint64_t o, uint64_t l, std::vector<block::Extent>& out) override {
+    if (!all_data) return inner_.extents(o, l, out);
+    out.push_back({o, l, 0});
+    return {};
+  }
 
  private:
   MemoryDevice inner_;
@@ -182,6 +188,37 @@ TEST_F(CbwTest, SnapshotAllocationIsThePointInTime) {
   }
   EXPECT_LE(pos, kSize);
   EXPECT_EQ(read_all(*snap, 0, kCluster), pattern(kCluster, 1));
+}
+
+// Allocated zeroes at the point in time stay "data" in the snapshot's
+// allocation after the live disk overwrites them (they are not stored in
+// the target either); unallocated zeroes stay holes.
+TEST(CbwAllocation, AllocatedZeroesStayDataHolesStayHoles) {
+  constexpr uint64_t size = 8 * kCluster;
+  auto src = std::make_shared<FaultyDevice>(size);
+  src->all_data = true;
+  auto tgt = std::make_shared<MemoryDevice>(size);
+  std::error_code ec;
+  auto cbw = CopyBeforeWrite::create(src, tgt, {}, ec);
+  ASSERT_TRUE(cbw);
+  SnapshotAccess snap(cbw);
+  ASSERT_FALSE(cbw->write(10, pattern(1, 1), false));  // cluster 0: allocated zeroes
+  EXPECT_EQ(cbw->stats().target_bytes, 0u);
+  std::vector<block::Extent> ext;
+  ASSERT_FALSE(snap.extents(0, kCluster, ext));
+  ASSERT_EQ(ext.size(), 1u);
+  EXPECT_EQ(ext[0].flags, 0u) << "allocated zeroes reported as a hole";
+  EXPECT_EQ(read_all(snap, 0, kCluster), Bytes(kCluster, std::byte{0}));
+
+  auto src2 = std::make_shared<MemoryDevice>(size);  // reports zero blocks as holes
+  auto cbw2 = CopyBeforeWrite::create(src2, tgt, {}, ec);
+  ASSERT_TRUE(cbw2);
+  SnapshotAccess snap2(cbw2);
+  ASSERT_FALSE(cbw2->write(10, pattern(1, 1), false));
+  ext.clear();
+  ASSERT_FALSE(snap2.extents(0, kCluster, ext));
+  ASSERT_EQ(ext.size(), 1u);
+  EXPECT_EQ(ext[0].flags, block::kExtentHole | block::kExtentZero);
 }
 
 TEST_F(CbwTest, BitmapLimitsWhatIsCopiedAndReadable) {
