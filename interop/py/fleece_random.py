@@ -615,7 +615,9 @@ class RefMap:
                         where)
             if flags & 2:
                 if self.ref.count(0, s, e) == e - s:
-                    continue             # allocated zeroes reported as zero
+                    # fleeced keeps the allocation exact: allocated zeroes
+                    # at the point in time are data, never hole,zero
+                    return ("alloc: allocated zeroes reported as zero", where)
                 return ("alloc: UNSAFE zero reported over point-in-time data",
                         where)
             return ("alloc: other", where)
