@@ -589,10 +589,8 @@ def writer(idx, seed, sock, export, live, stats, quota, deadline, size, hot):
 class RefMap:
     """The point-in-time base:allocation (runs [start, end, flags] of the
     live disk before the fleece) and content.  A fleece extent agrees
-    with it when its flags are the point-in-time flags; point-in-time data
-    that is all zero (allocated zeroes, which a fleece need not copy) may
-    also be reported as zero or hole|zero.  A point-in-time hole must stay
-    hole|zero."""
+    with it when its flags are the point-in-time flags: data (also
+    allocated zeroes) stays data, a point-in-time hole stays hole|zero."""
 
     def __init__(self, runs, ref):
         self.starts = [s for s, e, f in runs]
@@ -891,8 +889,7 @@ def check_map(what, runs, refmap, ref_map):
         soft_fail(f"{what}: {len(msgs)} run(s) of kind [{cat}], e.g.\n        " +
                   "\n        ".join(msgs[:5]))
     if not bad:
-        print(f"  {what}: agrees with the initial map (allocated zeroes "
-              f"reported as zero)", flush=True)
+        print(f"  {what}: agrees with the initial map", flush=True)
 
 
 def phase_mapcheck():
