@@ -31,6 +31,14 @@ bool all_zero(const std::byte* p, std::size_t n) {
   return true;
 }
 
+// True if some aligned granule-sized block of buf is all zero.
+bool has_zero_granule(std::span<const std::byte> buf, uint64_t granule) {
+  for (uint64_t off = 0; off < buf.size(); off += granule) {
+    if (all_zero(buf.data() + off, std::min<uint64_t>(granule, buf.size() - off))) return true;
+  }
+  return false;
+}
+
 // Point-in-time holes inside copied clusters are remembered at this
 // granularity, so base:allocation of the snapshot stays exact.
 constexpr uint32_t kHoleGranularity = 4096;
@@ -251,7 +259,11 @@ std::error_code CopyBeforeWrite::copy_clusters(uint64_t first, uint64_t last) {
       if (std::error_code ec = flush_data(n)) return ec;
       // Where the copied range was unallocated at the point in time, so the
       // snapshot's base:allocation stays exact (allocated zeroes are data).
-      if (std::error_code ec = mark_holes(at, n)) return ec;
+      // A hole reads as zeroes: without an all-zero hole granule in the
+      // chunk there is nothing to ask the source about.
+      if (has_zero_granule(buf, hole_.granularity()) || !zeros.empty()) {
+        if (std::error_code ec = mark_holes(at, n)) return ec;
+      }
       for (auto [zoff, zlen] : zeros) zero_.set_range(zoff, zlen);
       done_.set_range(at, n);
       {
