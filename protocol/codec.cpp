@@ -454,10 +454,16 @@ std::error_code encode_offset_hole(std::span<std::byte> out, uint16_t flags, uin
 void append_block_status_chunk(std::vector<std::byte>& out, uint16_t flags, uint64_t cookie,
                                uint32_t context_id, std::span<const BlockStatusExtent> extents) {
   put_chunk_header(out, flags, Chunk::block_status, cookie, 4 + 8 * extents.size());
-  put_be32(out, context_id);
+  // One resize, then stores in place: a reply can hold 131072 descriptors.
+  const std::size_t at = out.size();
+  out.resize(at + 4 + 8 * extents.size());
+  std::byte* p = out.data() + at;
+  store_be32(p, context_id);
+  p += 4;
   for (const BlockStatusExtent& e : extents) {
-    put_be32(out, e.length);
-    put_be32(out, e.flags);
+    store_be32(p, e.length);
+    store_be32(p + 4, e.flags);
+    p += 8;
   }
 }
 

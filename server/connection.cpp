@@ -558,8 +558,13 @@ asio::awaitable<void> Connection::async_do_block_status(const p::RequestHeader& 
     co_return;
   }
   const uint64_t end = h.offset + h.length;
+  std::size_t total = 0;
+  for (const auto& v : res.per_context) total += v.size();
+  r.meta.reserve(r.meta.size() + selected.size() * (p::kChunkHeaderSize + 4) + 8 * total);
+  std::vector<p::BlockStatusExtent> descriptors;
   for (std::size_t c = 0; c < selected.size(); ++c) {
-    std::vector<p::BlockStatusExtent> descriptors;
+    descriptors.clear();
+    descriptors.reserve(res.per_context[c].size());
     uint64_t pos = h.offset;
     for (const auto& x : res.per_context[c]) {
       uint64_t x_end = std::min(x.offset + x.length, end);
