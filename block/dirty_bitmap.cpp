@@ -72,6 +72,7 @@ void propagate(std::vector<std::vector<uint64_t>>& levels, uint64_t index, bool 
 DirtyBitmap::DirtyBitmap(uint64_t disk_size, uint32_t granularity)
     : disk_size_(disk_size),
       granularity_(granularity),
+      shift_(static_cast<unsigned>(std::countr_zero(granularity))),
       granules_(div_ceil(disk_size, granularity)),
       words_(div_ceil(granules_, 64), 0) {
   assert(granularity >= 512 && std::has_single_bit(granularity));
@@ -199,10 +200,17 @@ void DirtyBitmap::extents(uint64_t offset, uint64_t length, std::size_t max_exte
   const uint64_t end = clip_end(offset, length);
   uint64_t pos = offset;
   for (std::size_t n = 0; pos < end && n < max_extents; ++n) {
-    const uint64_t g = pos / granularity_;
-    const bool dirty = (words_[g / 64] >> (g % 64)) & 1;
-    // Runs alternate, so the next boundary is the next granule in the other state.
-    const uint64_t next = std::min(end, granule_offset(find_next(g, !dirty)));
+    const uint64_t g = pos >> shift_;
+    const std::size_t w = g / 64;
+    const bool dirty = (words_[w] >> (g % 64)) & 1;
+    // Runs alternate, so the next boundary is the next granule in the other
+    // state: look in the rest of this word first (short runs), then search
+    // the summaries from the next word on.
+    const uint64_t other = dirty ? (~words_[w] & valid_mask(w)) : words_[w];
+    const uint64_t here = other & (kAllOnes << (g % 64));
+    const uint64_t ng = here != 0 ? w * 64 + static_cast<uint64_t>(std::countr_zero(here))
+                                  : find_next((w + 1) * 64, !dirty);
+    const uint64_t next = std::min(end, granule_offset(ng));
     out.push_back(Extent{pos, next - pos, dirty ? 1u : 0u});
     pos = next;
   }
@@ -348,7 +356,7 @@ uint64_t DirtyBitmap::find_next(uint64_t granule, bool dirty) const {
 }
 
 uint64_t DirtyBitmap::granule_offset(uint64_t granule) const {
-  return granule >= granules_ ? disk_size_ : granule * granularity_;
+  return granule >= granules_ ? disk_size_ : granule << shift_;
 }
 
 uint64_t DirtyBitmap::clip_end(uint64_t offset, uint64_t length) const {

@@ -91,6 +91,7 @@ class DirtyBitmap {
   // Immutable after construction (the vector sizes too).
   uint64_t disk_size_;
   uint32_t granularity_;
+  unsigned shift_;  // log2(granularity_): granule = offset >> shift_
   uint64_t granules_;
   // The rest is guarded by mu_.
   mutable std::mutex mu_;

@@ -551,7 +551,18 @@ asio::awaitable<void> Connection::async_do_block_status(const p::RequestHeader& 
     }
     return out;
   };
-  Result res = co_await async_offload(*context_.io_pool, std::move(job));
+  // In-memory contexts (dirty bitmaps) are cheap and never block: answer
+  // them here instead of paying two thread hops per request.
+  bool inline_ok = true;
+  for (uint32_t index : selected) {
+    if (index == 0 || !e->meta_contexts[index - 1].nonblocking) inline_ok = false;
+  }
+  Result res;
+  if (inline_ok) {
+    res = job();
+  } else {
+    res = co_await async_offload(*context_.io_pool, std::move(job));
+  }
   log_request(h, res.ec);
   if (res.ec) {
     reply_error(h, p::to_nbd_error(res.ec.value(), h.flags), res.ec.message(), r);

@@ -29,6 +29,9 @@ struct MetaContextSource {
   // Optional: called when a connection that had selected this context in
   // transmission ends (any thread).
   std::function<void()> on_release;
+  // extents never blocks (in-memory, e.g. a dirty bitmap): block status
+  // requests that only ask such contexts are answered on the event loop.
+  bool nonblocking = false;
 };
 
 // Per-export live state shared with connections (client count, closing).

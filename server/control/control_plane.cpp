@@ -490,7 +490,8 @@ CommandResult ControlPlane::cmd_block_export_add(Args& a) {
           bits->extents(offset, length, protocol::kMaxExtentsPerChunk, out);
           return {};
         },
-        .on_release = nullptr});
+        .on_release = nullptr,
+        .nonblocking = true});
   }
   if (std::error_code ec = registry_.add(e)) {
     return CommandResult::fail("NBD server already has export named '" + export_name + "'");
