@@ -43,24 +43,36 @@ bool has_zero_granule(std::span<const std::byte> buf, uint64_t granule) {
 // granularity, so base:allocation of the snapshot stays exact.
 constexpr uint32_t kHoleGranularity = 4096;
 
+// Automatic cluster size (CbwOptions::cluster_size == 0).
+constexpr uint32_t kAutoClusterMin = 4096;
+constexpr uint64_t kAutoClusterMaxCount = uint64_t{1} << 27;
+
 // Copies are read and written in chunks of at most this many bytes.
 constexpr uint64_t kCopyChunk = 1024 * 1024;
 
 }  // namespace
+
+uint32_t CopyBeforeWrite::auto_cluster_size(uint64_t disk_size) {
+  uint32_t cluster = kAutoClusterMin;
+  while (disk_size / cluster > kAutoClusterMaxCount && cluster < (1u << 26)) cluster *= 2;
+  return cluster;
+}
 
 std::shared_ptr<CopyBeforeWrite> CopyBeforeWrite::create(block::DevicePtr source,
                                                          block::DevicePtr target,
                                                          const CbwOptions& options,
                                                          std::error_code& ec) {
   ec = {};
+  CbwOptions opts = options;
+  if (source && opts.cluster_size == 0) opts.cluster_size = auto_cluster_size(source->size());
   if (!source || !target || target->size() < source->size() || target->capabilities().read_only ||
-      options.cluster_size < 512 || (options.cluster_size & (options.cluster_size - 1)) != 0 ||
-      (options.bitmap && options.bitmap->disk_size() != source->size())) {
+      opts.cluster_size < 512 || (opts.cluster_size & (opts.cluster_size - 1)) != 0 ||
+      (opts.bitmap && opts.bitmap->disk_size() != source->size())) {
     ec = errno_code(EINVAL);
     return nullptr;
   }
   return std::shared_ptr<CopyBeforeWrite>(
-      new CopyBeforeWrite(std::move(source), std::move(target), options));
+      new CopyBeforeWrite(std::move(source), std::move(target), opts));
 }
 
 CopyBeforeWrite::CopyBeforeWrite(block::DevicePtr source, block::DevicePtr target,

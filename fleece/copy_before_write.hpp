@@ -33,7 +33,11 @@ enum class OnCbwError {
 };
 
 struct CbwOptions {
-  uint32_t cluster_size = 64 * 1024;
+  // Copy granularity. 0 = automatic: 4 KiB (a 4 KiB guest write copies only
+  // 4 KiB), doubled while the disk has more than 2^27 clusters, so each
+  // tracking bitmap stays within 16 MiB (4 KiB up to 512 GiB, 8 KiB up to
+  // 1 TiB, ...).
+  uint32_t cluster_size = 0;
   OnCbwError on_error = OnCbwError::break_guest_write;
   // 0 = none. A live write waits at most this long for its copy; then the
   // copy counts as failed (on_error decides) and finishes in the background.
@@ -57,6 +61,8 @@ class CopyBeforeWrite final : public block::Device,
   static std::shared_ptr<CopyBeforeWrite> create(block::DevicePtr source, block::DevicePtr target,
                                                  const CbwOptions& options, std::error_code& ec);
   ~CopyBeforeWrite() override;
+  // The cluster size chosen when CbwOptions::cluster_size is 0.
+  static uint32_t auto_cluster_size(uint64_t disk_size);
 
   const block::DevicePtr& source() const { return source_; }
   const block::DevicePtr& target() const { return target_; }

@@ -356,6 +356,7 @@ class Fleece:
             self.nodes.append("fl-tmp")
         q.ok("blockdev-add", {"driver": "copy-before-write", "node-name": "fl-cbw",
                               "file": "disk0-file", "target": "fl-tmp",
+                              "min-cluster-size": CL,  # automatic would be 4 KiB
                               **(cbw_args or {})})
         self.nodes.append("fl-cbw")
         # nothing writes now: the live map and contents are the point in time

@@ -54,6 +54,7 @@ CommandResult ControlPlane::blockdev_add_cbw(const std::string& node_name, Args&
   const json::object* bitmap = a.object("bitmap", false);
   auto on_error = a.enumeration("on-cbw-error", {"break-guest-write", "break-snapshot"}, false);
   auto timeout = a.uint32("cbw-timeout", false);
+  auto min_cluster = a.uint64("min-cluster-size", false);  // QEMU 9.2's option
   a.allow("read-only");
   a.allow("auto-read-only");
   a.allow("discard");
@@ -79,6 +80,13 @@ CommandResult ControlPlane::blockdev_add_cbw(const std::string& node_name, Args&
     if (reaches(target_node, p.get())) return CommandResult::fail(cycle_text(*target, node_name));
   }
   fleece::CbwOptions options;
+  if (min_cluster) {
+    if (*min_cluster < 512 || *min_cluster > (uint64_t{1} << 26) ||
+        (*min_cluster & (*min_cluster - 1)) != 0) {
+      return CommandResult::fail("min-cluster-size must be a power of two from 512 to 64 MiB");
+    }
+    options.cluster_size = static_cast<uint32_t>(*min_cluster);
+  }
   if (bitmap) {
     Args ref(bitmap, "bitmap.");
     auto bnode = ref.string("node", true);
@@ -240,12 +248,26 @@ ControlPlane::ActionResult ControlPlane::act_blockdev_backup(Args& a) {
   auto sync = a.enumeration("sync", {"top", "full", "none", "incremental", "bitmap"}, true);
   auto filter = a.string("filter-node-name", false);
   auto on_error = a.enumeration("on-cbw-error", {"break-guest-write", "break-snapshot"}, false);
-  for (const char* k :
-       {"speed", "bitmap", "bitmap-mode", "compress", "on-source-error", "on-target-error",
-        "auto-finalize", "auto-dismiss", "x-perf", "discard-source"}) {
+  const json::object* perf = a.object("x-perf", false);
+  for (const char* k : {"speed", "bitmap", "bitmap-mode", "compress", "on-source-error",
+                        "on-target-error", "auto-finalize", "auto-dismiss", "discard-source"}) {
     a.allow(k);
   }
   if (!a.finish()) return a.error();
+  std::optional<uint64_t> min_cluster;
+  if (perf) {
+    // QEMU's BackupPerf: min-cluster-size (9.2) sets the copy granularity.
+    Args p(perf, "x-perf.");
+    min_cluster = p.uint64("min-cluster-size", false);
+    p.allow("use-copy-range");
+    p.allow("max-workers");
+    p.allow("max-chunk");
+    if (!p.finish()) return p.error();
+    if (min_cluster && (*min_cluster < 512 || *min_cluster > (uint64_t{1} << 26) ||
+                        (*min_cluster & (*min_cluster - 1)) != 0)) {
+      return generic("min-cluster-size must be a power of two from 512 to 64 MiB");
+    }
+  }
   if (*sync != "none") {
     return generic("blockdev-backup sync '" + *sync +
                    "' is not supported: fleeced runs backup jobs in fleecing mode (sync none)");
@@ -273,6 +295,7 @@ ControlPlane::ActionResult ControlPlane::act_blockdev_backup(Args& a) {
   }
   fleece::CbwOptions options;
   if (on_error == "break-snapshot") options.on_error = fleece::OnCbwError::break_snapshot;
+  if (min_cluster) options.cluster_size = static_cast<uint32_t>(*min_cluster);
   std::error_code ec;
   auto cbw =
       fleece::CopyBeforeWrite::create(file_node->device(), target_node->device(), options, ec);

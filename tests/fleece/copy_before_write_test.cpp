@@ -84,6 +84,7 @@ struct CbwTest : ::testing::Test {
   std::shared_ptr<SnapshotAccess> snap;
 
   void take(CbwOptions opt = {}) {
+    if (opt.cluster_size == 0) opt.cluster_size = kCluster;  // the tests count 64 KiB clusters
     std::error_code ec;
     cbw = CopyBeforeWrite::create(source, target, opt, ec);
     ASSERT_TRUE(cbw) << ec.message();
@@ -109,6 +110,26 @@ struct CbwTest : ::testing::Test {
     }
   }
 };
+
+TEST(CbwClusterSize, AutomaticSizeKeepsBitmapsSmall) {
+  constexpr uint64_t GiB = uint64_t{1} << 30;
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(1), 4096u);
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(64 * GiB), 4096u);
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(512 * GiB), 4096u);
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(512 * GiB + 4096), 8192u);
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(1024 * GiB), 8192u);
+  EXPECT_EQ(CopyBeforeWrite::auto_cluster_size(64 * 1024 * GiB), 512u * 1024);
+  // A small disk gets 4 KiB clusters: a 4 KiB write copies 4 KiB.
+  auto src = std::make_shared<MemoryDevice>(1024 * kKiB);
+  auto tgt = std::make_shared<MemoryDevice>(1024 * kKiB);
+  ASSERT_FALSE(src->write(0, pattern(1024 * kKiB, 1), false));
+  std::error_code ec;
+  auto cbw = CopyBeforeWrite::create(src, tgt, {}, ec);
+  ASSERT_TRUE(cbw);
+  EXPECT_EQ(cbw->cluster_size(), 4096u);
+  ASSERT_FALSE(cbw->write(8192, pattern(4096, 2), false));
+  EXPECT_EQ(cbw->stats().copied_bytes, 4096u);
+}
 
 TEST_F(CbwTest, RejectsSmallTargetBadClusterAndWrongBitmapSize) {
   std::error_code ec;
