@@ -17,7 +17,14 @@
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
 
+namespace fleeced::server {
+struct TlsPolicy;
+class TlsCredsHandle;
+}  // namespace fleeced::server
+
 namespace fleeced::server::control {
+
+struct TlsObjects;
 
 class ControlPlane {
  public:
@@ -33,6 +40,10 @@ class ControlPlane {
                                          std::error_code& ec);
 
   block::NodeGraph& graph() { return graph_; }
+
+  // Re-reads every server credentials object (SIGHUP); failures keep the
+  // old credentials and are logged. Control thread.
+  void reload_tls_objects();
 
  private:
   // A fleecing backup job (blockdev-backup sync=none): its filter sits
@@ -73,6 +84,17 @@ class ControlPlane {
   CommandResult cmd_blockdev_backup(Args& a);
   CommandResult cmd_query_block_jobs(Args& a);
   CommandResult cmd_block_job_cancel(Args& a, EventSink& events);
+  // TLS objects (server/control/tls_commands.cpp).
+  void register_tls_commands(CommandTable& table);
+  CommandResult cmd_object_add(Args& a);
+  CommandResult cmd_object_del(Args& a);
+  CommandResult cmd_tls_reload(Args& a);
+  std::shared_ptr<TlsCredsHandle> server_creds_or_error(const std::string& id, QmpError& err) const;
+  // nbd-server-start's tls-creds and tls-authz as a listener policy (null
+  // without tls-creds).
+  std::optional<QmpError> tls_policy(const std::optional<std::string>& creds_id,
+                                     const std::optional<std::string>& authz_id,
+                                     std::shared_ptr<const TlsPolicy>& out) const;
 
   // A bitmap action applied now; `undo` reverts it (transaction rollback).
   struct Applied {
@@ -105,6 +127,7 @@ class ControlPlane {
   std::map<std::string, QmpExport> exports_;  // by id
   std::map<std::string, Job> jobs_;           // by job id
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
+  std::shared_ptr<TlsObjects> tls_objects_;   // object-add'ed TLS objects
 };
 
 }  // namespace fleeced::server::control
