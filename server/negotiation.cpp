@@ -35,6 +35,13 @@ std::string quoted(std::string_view name) {
 
 uint32_t u32(p::Option o) { return static_cast<uint32_t>(o); }
 
+// "NBD_OPT_GO", or "option 0x99" for one the name table does not know.
+std::string option_label(uint32_t option) {
+  std::string_view name = p::option_name(option);
+  if (name.starts_with("NBD_")) return std::string(name);
+  return fmt::format("option {:#x}", option);
+}
+
 }  // namespace
 
 asio::awaitable<bool> Connection::async_send_now(const std::vector<std::byte>& bytes) {
@@ -119,7 +126,7 @@ asio::awaitable<bool> Connection::async_handle_option(uint32_t option,
       log().info("conn {} {}: closing: NBD_OPT_EXPORT_NAME refused: {}", id_, peer_, why);
       co_return false;
     }
-    log().info("conn {} {}: refusing {}: {}", id_, peer_, p::option_name(option), why);
+    log().info("conn {} {}: refusing {}: {}", id_, peer_, option_label(option), why);
     p::append_reply_error(out, option,
                           refused ? p::OptionReply::err_policy : p::OptionReply::err_tls_reqd, why);
     co_return co_await async_send_now(out);

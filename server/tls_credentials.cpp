@@ -236,7 +236,8 @@ const std::vector<unsigned char>* TlsCredentials::psk_key(std::string_view ident
 std::string TlsCredentials::describe() const {
   if (options_.kind == TlsCredsOptions::Kind::psk) {
     const std::size_t n = psk_keys_.size();
-  return "psk:" + options_.dir + " (" + std::to_string(n) + (n == 1 ? " identity)" : " identities)");
+    return "psk:" + options_.dir + " (" + std::to_string(n) +
+           (n == 1 ? " identity)" : " identities)");
   }
   return "x509:" + options_.dir + (options_.verify_peer ? " verify-peer=on" : " verify-peer=off");
 }

@@ -207,8 +207,7 @@ std::string TlsStream::handshake_error() const {
     if (text == "binder does not verify") text += " (wrong PSK for '" + identity_ + "'?)";
     return text;
   }
-  if (handshake_failure_ == eof_error() ||
-      handshake_failure_ == std::errc::connection_reset) {
+  if (handshake_failure_ == eof_error() || handshake_failure_ == std::errc::connection_reset) {
     // GnuTLS clients hang up like this when they distrust our certificate.
     return "client closed the connection during the handshake";
   }
