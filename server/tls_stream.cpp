@@ -160,7 +160,11 @@ asio::awaitable<void> TlsStream::async_flush(std::error_code& ec) {
   while (!out_.empty()) {
     sending_.swap(out_);  // SSL_read may append to out_ while this is sent
     boost::system::error_code bec;
-    co_await asio::async_write(socket_, asio::buffer(sending_.data(), sending_.size()),
+    // Asio's default completion condition would cut this into 64 KiB sends.
+    auto no_cap = [](const boost::system::error_code& e, std::size_t) -> std::size_t {
+      return e ? 0 : std::size_t{1} << 30;
+    };
+    co_await asio::async_write(socket_, asio::buffer(sending_.data(), sending_.size()), no_cap,
                                asio::redirect_error(asio::use_awaitable, bec));
     sending_.clear();
     ec = bec;
