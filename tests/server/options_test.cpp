@@ -429,9 +429,8 @@ TEST(ParseTlsCreds, RejectsBadForms) {
 TEST(ParseCommandLine, TlsCredsAloneMeanRequire) {
   CommandLine cl;
   std::string error;
-  ASSERT_TRUE(parse_command_line({"--export", "name=a,file=f", "--listen", "unix:/s",
-                                  "--tls-creds", "psk:/k"},
-                                 cl, error))
+  ASSERT_TRUE(parse_command_line(
+      {"--export", "name=a,file=f", "--listen", "unix:/s", "--tls-creds", "psk:/k"}, cl, error))
       << error;
   ASSERT_TRUE(cl.tls_creds);
   EXPECT_EQ(cl.tls_mode, TlsMode::require);
@@ -469,10 +468,10 @@ TEST(ParseCommandLine, RejectsInconsistentTls) {
 
 TEST(UsageText, MentionsEveryOption) {
   const std::string text = usage_text();
-  for (const char* opt : {"--export", "--listen", "--stdin", "--threads", "--io-threads",
-                          "--max-connections", "--max-requests", "--handshake-timeout",
-                          "--log-level", "--pidfile", "--qmp", "--help", "--version", "--tls-creds",
-                          "--tls=", "--tls-authz"}) {
+  for (const char* opt :
+       {"--export", "--listen", "--stdin", "--threads", "--io-threads", "--max-connections",
+        "--max-requests", "--handshake-timeout", "--log-level", "--pidfile", "--qmp", "--help",
+        "--version", "--tls-creds", "--tls=", "--tls-authz"}) {
     EXPECT_NE(text.find(opt), std::string::npos) << opt;
   }
 }

@@ -44,7 +44,8 @@ TEST(ParsePskLine, UserAndHexKey) {
 TEST(ParsePskLine, RejectsMalformedLines) {
   std::string id;
   std::vector<unsigned char> key;
-  for (const char* bad : {"alice", ":0102", "alice:", "alice:012", "alice:zz", "alice:01 02", "a:b:0102"}) {
+  for (const char* bad :
+       {"alice", ":0102", "alice:", "alice:012", "alice:zz", "alice:01 02", "a:b:0102"}) {
     EXPECT_FALSE(parse_psk_line(bad, id, key)) << bad;
   }
 }
@@ -73,8 +74,8 @@ TEST(TlsCredentials, MalformedOrEmptyPskFileIsRefused) {
   dir.write("keys.psk", "alice:0102\nbob\n");
   std::string error;
   EXPECT_FALSE(TlsCredentials::load({TlsCredsOptions::Kind::psk, dir.path(), false}, error));
-  EXPECT_EQ(error, "Malformed PSK entry at " + dir.path() +
-                       "/keys.psk:2 (expected username:hexkey)");
+  EXPECT_EQ(error,
+            "Malformed PSK entry at " + dir.path() + "/keys.psk:2 (expected username:hexkey)");
   dir.write("keys.psk", "# nothing\n");
   EXPECT_FALSE(TlsCredentials::load({TlsCredsOptions::Kind::psk, dir.path(), false}, error));
   EXPECT_EQ(error, "No PSK identities in " + dir.path() + "/keys.psk");

@@ -351,8 +351,8 @@ TEST_F(TlsNegotiation, Tls12WithPskWorks) {
 }
 
 TEST_F(TlsNegotiation, AllowListRefusesOtherIdentitiesWithPolicy) {
-  auto authz = std::make_shared<const TlsAuthz>(
-      std::vector<TlsAuthz::Rule>{{"alice", true, false}}, false);
+  auto authz =
+      std::make_shared<const TlsAuthz>(std::vector<TlsAuthz::Rule>{{"alice", true, false}}, false);
   Session& s = start(policy(TlsMode::require, authz));
   PskClientContext bob("bob", kBobKey);
   start_tls(s, bob);
@@ -453,8 +453,8 @@ TEST_F(TlsNegotiation, TransmissionOverTlsMovesDataIntact) {
     ASSERT_EQ(c.type(), p::Chunk::offset_data);
     const uint64_t off = offsets[c.header.cookie];
     EXPECT_EQ(p::load_be64(c.payload.data()), off);
-    EXPECT_TRUE(std::equal(c.payload.begin() + 8, c.payload.end(),
-                           data.begin() + static_cast<long>(off)));
+    EXPECT_TRUE(
+        std::equal(c.payload.begin() + 8, c.payload.end(), data.begin() + static_cast<long>(off)));
     offsets.erase(c.header.cookie);
   }
 }

@@ -34,7 +34,9 @@ namespace fleeced::test {
 class PskClientContext {
  public:
   PskClientContext(std::string identity, std::vector<unsigned char> key)
-      : identity_(std::move(identity)), key_(std::move(key)), ctx_(SSL_CTX_new(TLS_client_method())) {
+      : identity_(std::move(identity)),
+        key_(std::move(key)),
+        ctx_(SSL_CTX_new(TLS_client_method())) {
     SSL_CTX_set_min_proto_version(ctx_, TLS1_2_VERSION);
     SSL_CTX_set_ex_data(ctx_, index(), this);
     SSL_CTX_set_psk_client_callback(ctx_, &PskClientContext::callback);
@@ -53,8 +55,7 @@ class PskClientContext {
   }
   static unsigned int callback(SSL* ssl, const char*, char* identity, unsigned int max_identity,
                                unsigned char* psk, unsigned int max_psk) {
-    auto* self =
-        static_cast<PskClientContext*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), index()));
+    auto* self = static_cast<PskClientContext*>(SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), index()));
     if (self->identity_.size() + 1 > max_identity || self->key_.size() > max_psk) return 0;
     std::memcpy(identity, self->identity_.c_str(), self->identity_.size() + 1);
     std::memcpy(psk, self->key_.data(), self->key_.size());
