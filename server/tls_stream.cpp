@@ -230,6 +230,15 @@ asio::awaitable<std::size_t> TlsStream::async_read_some(asio::mutable_buffer buf
     std::size_t n = 0;
     const int r = SSL_read_ex(ssl_, buffer.data(), buffer.size(), &n);
     if (r == 1) {
+      // One SSL_read returns one record; pipelined requests arrive one per
+      // record, so take every record already received (no more syscalls).
+      auto* out = static_cast<std::byte*>(buffer.data());
+      std::size_t more = 0;
+      while (n < buffer.size() && SSL_has_pending(ssl_) &&
+             SSL_read_ex(ssl_, out + n, buffer.size() - n, &more) == 1) {
+        n += more;
+      }
+      ERR_clear_error();  // a WANT_READ above is not an error
       ec.clear();
       co_return n;
     }
