@@ -340,3 +340,53 @@ _stop_all_fleeced() {
     done
     _fleeced_pids=()
 }
+
+# ---------------------------------------------------------------- TLS
+
+# make_psk_keys FILE USER...   appends a fresh random key for each USER to
+#   FILE with psktool (the "user:hexkey" lines that keys.psk holds)
+make_psk_keys() {
+    local file=$1 user
+    shift
+    mkdir -p "$(dirname "$file")"
+    for user in "$@"; do
+        psktool -u "$user" -p "$file" >/dev/null 2>&1 || fail "psktool -u $user -p $file failed"
+    done
+}
+
+# make_ca DIR CN   a CA in DIR: ca-key.pem and a self-signed ca-cert.pem (certtool)
+make_ca() {
+    local dir=$1 cn=$2
+    mkdir -p "$dir"
+    certtool --generate-privkey --key-type=ecdsa --outfile "$dir/ca-key.pem" >/dev/null 2>&1 ||
+        fail "certtool: CA key"
+    printf 'cn = %s\nca\ncert_signing_key\ncrl_signing_key\nexpiration_days = 30\n' "$cn" \
+        >"$dir/ca.info"
+    certtool --generate-self-signed --load-privkey "$dir/ca-key.pem" --template "$dir/ca.info" \
+        --outfile "$dir/ca-cert.pem" >/dev/null 2>&1 || fail "certtool: CA certificate"
+}
+
+# make_cert CADIR OUTDIR server|client CN   a key and a certificate signed
+#   by the CA in CADIR, as OUTDIR/{server,client}-{cert,key}.pem, plus a
+#   copy of the CA certificate (the layout QEMU and libnbd read). Server
+#   certificates name localhost and 127.0.0.1.
+make_cert() {
+    local ca=$1 out=$2 role=$3 cn=$4
+    mkdir -p "$out"
+    certtool --generate-privkey --key-type=ecdsa --outfile "$out/$role-key.pem" >/dev/null 2>&1 ||
+        fail "certtool: $role key"
+    {
+        printf 'country = GB\norganization = fleeced test\ncn = %s\n' "$cn"
+        if [ "$role" = server ]; then
+            printf 'dns_name = localhost\nip_address = 127.0.0.1\ntls_www_server\n'
+        else
+            printf 'tls_www_client\n'
+        fi
+        printf 'encryption_key\nsigning_key\nexpiration_days = 30\n'
+    } >"$out/$role.info"
+    certtool --generate-certificate --load-ca-certificate "$ca/ca-cert.pem" \
+        --load-ca-privkey "$ca/ca-key.pem" --load-privkey "$out/$role-key.pem" \
+        --template "$out/$role.info" --outfile "$out/$role-cert.pem" >/dev/null 2>&1 ||
+        fail "certtool: $role certificate"
+    cp "$ca/ca-cert.pem" "$out/ca-cert.pem"
+}

@@ -154,6 +154,7 @@ asio::awaitable<void> Connection::async_run() {
   bool go = co_await async_negotiate();
   handshake_timer_.cancel();
   if (!go || handshake_expired_ || stopping_) {
+    co_await stream_->async_shutdown();  // TLS close_notify, if TLS is up
     stream_->close();
     co_return;
   }
@@ -161,6 +162,7 @@ asio::awaitable<void> Connection::async_run() {
               export_->name, structured_, selected_.size());
   in_transmission_ = true;
   co_await async_transmission();
+  if (!failed_) co_await stream_->async_shutdown();
   stream_->close();
   log().debug("conn {} {}: closed", id_, peer_);
 }

@@ -23,6 +23,7 @@
 #include "server/buffer.hpp"
 #include "server/export_registry.hpp"
 #include "server/stream.hpp"
+#include "server/tls_credentials.hpp"
 
 namespace fleeced::server {
 
@@ -37,6 +38,7 @@ struct ServerContext {
   ExportRegistry* registry = nullptr;
   asio::thread_pool* io_pool = nullptr;
   ConnectionLimits limits;
+  std::shared_ptr<const TlsPolicy> tls;  // the listener's; null = TLS off
 };
 
 // Wire bytes of one reply: `meta` holds headers and small payloads, `data`
@@ -87,6 +89,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
                                                   std::span<const std::byte> payload);
   asio::awaitable<bool> async_option_list(std::span<const std::byte> payload);
   asio::awaitable<bool> async_option_export_name(std::span<const std::byte> payload);
+  asio::awaitable<bool> async_option_starttls(std::span<const std::byte> payload);
+  asio::awaitable<bool> async_start_tls();
+  bool tls_required() const;
   asio::awaitable<bool> async_send_now(const std::vector<std::byte>& bytes);
   void choose_export(ExportPtr e);
   // Counts this connection as a client of e; false if e is being deleted.
@@ -129,6 +134,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Negotiation state (reset by STARTTLS).
   bool fixed_newstyle_ = false;
   bool no_zeroes_ = false;
+  bool tls_active_ = false;  // STARTTLS succeeded; stream_ is a TlsStream
+  std::string tls_refused_;  // TLS identity the listener's authz denied
   bool structured_ = false;
   ExportPtr meta_export_;                // export named by the last SET_META_CONTEXT
   std::vector<uint32_t> meta_selected_;  // indices into meta_export_->context_names()

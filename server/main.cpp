@@ -16,6 +16,7 @@
 #include "server/log.hpp"
 #include "server/options.hpp"
 #include "server/server.hpp"
+#include "server/tls_authz.hpp"
 
 #ifndef FLEECED_VERSION
 #define FLEECED_VERSION "0.0.0"
@@ -28,6 +29,23 @@ using namespace fleeced;
 int usage_error(const std::string& message) {
   std::fprintf(stderr, "fleeced: error: %s\n", message.c_str());
   return 2;
+}
+
+// The TLS policy of the --listen addresses, or null when TLS is off.
+// Errors: null with `error` set.
+std::shared_ptr<const server::TlsPolicy> command_line_tls(const server::CommandLine& cl,
+                                                          std::string& error) {
+  if (cl.tls_mode == server::TlsMode::off || !cl.tls_creds) return nullptr;
+  auto creds = server::TlsCredentials::load(*cl.tls_creds, error);
+  if (!creds) return nullptr;
+  auto policy = std::make_shared<server::TlsPolicy>();
+  policy->mode = cl.tls_mode;
+  policy->creds = std::make_shared<server::TlsCredsHandle>(creds);
+  if (!cl.tls_authz.empty()) {
+    policy->authz = server::TlsAuthz::load_list_file(cl.tls_authz, error);
+    if (!policy->authz) return nullptr;
+  }
+  return policy;
 }
 
 bool write_pidfile(const std::string& path) {
@@ -59,6 +77,12 @@ int main(int argc, char** argv) {
   server::log().set_level(spdlog::level::from_str(cl.log_level));
   ::signal(SIGPIPE, SIG_IGN);
 
+  std::shared_ptr<const server::TlsPolicy> tls = command_line_tls(cl, error);
+  if (!tls && !error.empty()) {
+    std::fprintf(stderr, "fleeced: error: %s\n", error.c_str());
+    return 1;
+  }
+
   server::ExportRegistry registry;
   server::Server srv(cl.server, registry);
   server::control::ControlPlane control(srv, registry);
@@ -89,7 +113,7 @@ int main(int argc, char** argv) {
     srv.serve_stdio(STDIN_FILENO, STDOUT_FILENO);
   }
   for (const auto& address : cl.listens) {
-    if (std::error_code ec = srv.listen(address)) {
+    if (std::error_code ec = srv.listen(address, tls)) {
       std::fprintf(stderr, "fleeced: error: cannot listen on %s: %s\n", address.to_string().c_str(),
                    ec.message().c_str());
       return 1;
@@ -113,6 +137,15 @@ int main(int argc, char** argv) {
     }
     qmp->start();
   }
+  srv.set_reload_handler([&tls, &qmp, &control] {
+    std::string reload_error;
+    if (tls && !tls->creds->reload(reload_error)) {
+      server::log().error("TLS credentials not reloaded (the old ones stay): {}", reload_error);
+    } else if (tls) {
+      server::log().info("TLS credentials reloaded: {}", tls->creds->get()->describe());
+    }
+    if (qmp) qmp->post([&control] { control.reload_tls_objects(); });
+  });
   if (!cl.pidfile.empty() && !write_pidfile(cl.pidfile)) {
     std::fprintf(stderr, "fleeced: error: cannot write pidfile '%s'\n", cl.pidfile.c_str());
     return 1;

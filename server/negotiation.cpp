@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: MIT
-// Fixed-newstyle option haggling (NBD spec, "Newstyle negotiation"). Every
-// function here returns false when the connection must end; option errors that
-// the client can recover from are answered with NBD_REP_ERR_* and return true.
+// Fixed-newstyle option haggling (NBD spec, "Newstyle negotiation") and
+// STARTTLS (spec, "TLS support"). Every function here returns false when the
+// connection must end; option errors that the client can recover from are
+// answered with NBD_REP_ERR_* and return true.
 #include <array>
 #include <string_view>
 
@@ -13,6 +14,8 @@
 #include "protocol/nbd.hpp"
 #include "server/connection.hpp"
 #include "server/log.hpp"
+#include "server/tls_authz.hpp"
+#include "server/tls_stream.hpp"
 
 namespace fleeced::server {
 
@@ -31,6 +34,13 @@ std::string quoted(std::string_view name) {
 }
 
 uint32_t u32(p::Option o) { return static_cast<uint32_t>(o); }
+
+// "NBD_OPT_GO", or "option 0x99" for one the name table does not know.
+std::string option_label(uint32_t option) {
+  std::string_view name = p::option_name(option);
+  if (name.starts_with("NBD_")) return std::string(name);
+  return fmt::format("option {:#x}", option);
+}
 
 }  // namespace
 
@@ -112,9 +122,28 @@ asio::awaitable<bool> Connection::async_negotiate() {
   }
 }
 
+bool Connection::tls_required() const {
+  return context_.tls && context_.tls->mode == TlsMode::require && !tls_active_;
+}
+
 asio::awaitable<bool> Connection::async_handle_option(uint32_t option,
                                                       std::vector<std::byte>& payload, bool& done) {
   std::vector<std::byte> out;
+  const bool gated = option != u32(p::Option::abort) && option != u32(p::Option::starttls);
+  if (gated && (tls_required() || !tls_refused_.empty())) {
+    const bool refused = !tls_refused_.empty();
+    const std::string why = refused ? "TLS client " + quoted(tls_refused_) + " is not authorized"
+                                    : "TLS is required (send NBD_OPT_STARTTLS first)";
+    if (option == u32(p::Option::export_name)) {
+      // EXPORT_NAME has no error reply: the spec says to end the session.
+      log().info("conn {} {}: closing: NBD_OPT_EXPORT_NAME refused: {}", id_, peer_, why);
+      co_return false;
+    }
+    log().info("conn {} {}: refusing {}: {}", id_, peer_, option_label(option), why);
+    p::append_reply_error(out, option,
+                          refused ? p::OptionReply::err_policy : p::OptionReply::err_tls_reqd, why);
+    co_return co_await async_send_now(out);
+  }
   switch (static_cast<p::Option>(option)) {
     case p::Option::export_name:
       done = true;
@@ -127,13 +156,7 @@ asio::awaitable<bool> Connection::async_handle_option(uint32_t option,
     case p::Option::list:
       co_return co_await async_option_list(payload);
     case p::Option::starttls:
-      if (!payload.empty()) {
-        p::append_reply_error(out, option, p::OptionReply::err_invalid,
-                              "STARTTLS takes no payload");
-      } else {
-        p::append_reply_error(out, option, p::OptionReply::err_policy, "TLS not configured");
-      }
-      co_return co_await async_send_now(out);
+      co_return co_await async_option_starttls(payload);
     case p::Option::info:
     case p::Option::go:
       co_return co_await async_option_info(option, payload, done);
@@ -179,6 +202,69 @@ asio::awaitable<bool> Connection::async_option_export_name(std::span<const std::
   std::vector<std::byte> out;
   p::append_export_name_reply(out, export_->size(), transmission_flags_, no_zeroes_);
   co_return co_await async_send_now(out);
+}
+
+asio::awaitable<bool> Connection::async_option_starttls(std::span<const std::byte> payload) {
+  std::vector<std::byte> out;
+  const uint32_t option = u32(p::Option::starttls);
+  const TlsPolicy* tls = context_.tls.get();
+  if (tls_active_) {
+    p::append_reply_error(out, option, p::OptionReply::err_invalid, "TLS already negotiated");
+  } else if (!payload.empty()) {
+    p::append_reply_error(out, option, p::OptionReply::err_invalid, "STARTTLS takes no payload");
+  } else if (!tls || tls->mode == TlsMode::off || !tls->creds) {
+    p::append_reply_error(out, option, p::OptionReply::err_policy, "TLS not configured");
+  } else if (rpos_ < rend_) {
+    // The client must wait for our reply before its ClientHello; bytes
+    // already here were sent in plaintext after STARTTLS.
+    log().info("conn {} {}: closing: {} bytes sent after NBD_OPT_STARTTLS before its reply", id_,
+               peer_, rend_ - rpos_);
+    co_return false;
+  } else {
+    co_return co_await async_start_tls();
+  }
+  co_return co_await async_send_now(out);
+}
+
+asio::awaitable<bool> Connection::async_start_tls() {
+  const TlsPolicy& tls = *context_.tls;
+  TlsCredentialsPtr creds = tls.creds->get();
+  std::vector<std::byte> out;
+  p::append_reply_ack(out, u32(p::Option::starttls));
+  if (!co_await async_send_now(out)) co_return false;
+  std::unique_ptr<TlsStream> upgraded = stream_->start_tls(creds);
+  if (!upgraded) {
+    log().error("conn {} {}: closing: this transport cannot carry TLS", id_, peer_);
+    co_return false;
+  }
+  TlsStream& t = *upgraded;
+  stream_ = std::move(upgraded);
+  if (tls.authz && creds->options().kind == TlsCredsOptions::Kind::x509) {
+    t.require_client_certificate();  // the allow-list names certificates
+  }
+  std::error_code ec;
+  co_await t.async_handshake(ec);
+  if (ec) {
+    if (!handshake_expired_ && !stopping_) {
+      log().info("conn {} {}: closing: TLS handshake failed: {}", id_, peer_, t.handshake_error());
+    }
+    co_return false;
+  }
+  tls_active_ = true;
+  // Everything negotiated in plaintext is forgotten (spec; nbdkit's
+  // CVE-2021-3716 honoured a STRUCTURED_REPLY injected before STARTTLS).
+  structured_ = false;
+  meta_export_.reset();
+  meta_selected_.clear();
+  if (tls.authz && !tls.authz->allows(t.identity())) {
+    tls_refused_ = t.identity().empty() ? "(anonymous)" : t.identity();
+    log().info("conn {} {}: TLS client {} is not authorized: refusing every option", id_, peer_,
+               quoted(tls_refused_));
+  } else {
+    log().debug("conn {} {}: TLS established: {}, client {}", id_, peer_, t.session_description(),
+                t.identity().empty() ? "anonymous" : quoted(t.identity()));
+  }
+  co_return true;
 }
 
 asio::awaitable<bool> Connection::async_option_list(std::span<const std::byte> payload) {

@@ -103,9 +103,47 @@ bool parse_export_spec(std::string_view text, ExportSpec& out, std::string& erro
   return true;
 }
 
+bool parse_tls_creds(std::string_view text, TlsCredsOptions& out, std::string& error) {
+  out = TlsCredsOptions{};
+  std::string_view rest;
+  if (text.starts_with("psk:")) {
+    out.kind = TlsCredsOptions::Kind::psk;
+    rest = text.substr(4);
+  } else if (text.starts_with("x509:")) {
+    out.kind = TlsCredsOptions::Kind::x509;
+    rest = text.substr(5);
+  } else {
+    error =
+        "--tls-creds expects psk:DIR or x509:DIR[,verify-peer=on], got '" + std::string(text) + "'";
+    return false;
+  }
+  std::vector<std::string> parts = split_options(rest);
+  out.dir = parts[0];
+  if (out.dir.empty()) {
+    error = "--tls-creds: the credentials directory is missing";
+    return false;
+  }
+  for (std::size_t i = 1; i < parts.size(); ++i) {
+    const std::string& part = parts[i];
+    auto eq = part.find('=');
+    std::string key = part.substr(0, eq);
+    if (key != "verify-peer" || eq == std::string::npos) {
+      error = "--tls-creds: unknown option '" + part + "' (only verify-peer=on|off)";
+      return false;
+    }
+    if (out.kind != TlsCredsOptions::Kind::x509) {
+      error = "--tls-creds: verify-peer applies to x509 credentials only";
+      return false;
+    }
+    if (!parse_bool("verify-peer", part.substr(eq + 1), out.verify_peer, error)) return false;
+  }
+  return true;
+}
+
 bool parse_command_line(const std::vector<std::string>& args, CommandLine& out,
                         std::string& error) {
   out = CommandLine{};
+  std::optional<TlsMode> tls_mode;
   for (std::size_t i = 0; i < args.size(); ++i) {
     std::string arg = args[i];
     std::string value;
@@ -195,6 +233,26 @@ bool parse_command_line(const std::vector<std::string>& args, CommandLine& out,
         return false;
       }
       out.qmp_path = value.substr(5);
+    } else if (arg == "--tls-creds") {
+      if (!need_value()) return false;
+      TlsCredsOptions creds;
+      if (!parse_tls_creds(value, creds, error)) return false;
+      out.tls_creds = std::move(creds);
+    } else if (arg == "--tls") {
+      if (!need_value()) return false;
+      if (value == "off") {
+        tls_mode = TlsMode::off;
+      } else if (value == "on") {
+        tls_mode = TlsMode::on;
+      } else if (value == "require") {
+        tls_mode = TlsMode::require;
+      } else {
+        error = "--tls must be require, on or off, got '" + value + "'";
+        return false;
+      }
+    } else if (arg == "--tls-authz") {
+      if (!need_value()) return false;
+      out.tls_authz = value;
     } else if (arg == "--pidfile") {
       if (!need_value()) return false;
       out.pidfile = value;
@@ -214,6 +272,21 @@ bool parse_command_line(const std::vector<std::string>& args, CommandLine& out,
   }
   if (!out.stdin_mode && out.listens.empty() && out.qmp_path.empty()) {
     error = "no --listen address given (see --help)";
+    return false;
+  }
+  // Like QEMU and nbdkit: credentials alone mean TLS is required.
+  out.tls_mode = tls_mode.value_or(out.tls_creds ? TlsMode::require : TlsMode::off);
+  if (out.tls_mode != TlsMode::off && !out.tls_creds) {
+    error = "--tls=" + std::string(out.tls_mode == TlsMode::on ? "on" : "require") +
+            " needs --tls-creds";
+    return false;
+  }
+  if (!out.tls_authz.empty() && (!out.tls_creds || out.tls_mode == TlsMode::off)) {
+    error = "--tls-authz needs --tls-creds";
+    return false;
+  }
+  if (out.stdin_mode && out.tls_mode != TlsMode::off) {
+    error = "--stdin cannot be combined with TLS";
     return false;
   }
   return true;
@@ -240,9 +313,21 @@ Limits:
   --max-requests N        requests in flight per connection (default 64)
   --handshake-timeout S   close clients that have not finished negotiating
                           after S seconds, 0 = never (default 10)
+TLS (for the --listen addresses):
+  --tls-creds psk:DIR     PSK user names and keys from DIR/keys.psk (psktool)
+  --tls-creds x509:DIR[,verify-peer=on]
+                          X.509 from DIR/ca-cert.pem, server-cert.pem,
+                          server-key.pem (QEMU's layout); verify-peer=on
+                          requires a client certificate signed by the CA
+  --tls=require|on|off    require TLS (the default with --tls-creds), offer
+                          it but still serve plaintext, or refuse STARTTLS
+  --tls-authz FILE        only these clients (one certificate DN, RFC 4514
+                          form, or PSK user name per line) may use TLS
+                          (SIGHUP reloads credentials, not this list)
 Control:
   --qmp unix:PATH         QMP control socket (QEMU-compatible subset: block
-                          nodes, dirty bitmaps, NBD server and exports)
+                          nodes, dirty bitmaps, NBD server and exports, TLS
+                          credential objects)
 Other:
   --log-level LEVEL       trace, debug, info, warn, error or off (default info)
   --pidfile PATH          write the PID here once every listener is ready

@@ -3,10 +3,12 @@
 // vectors. Errors come back as one human-readable line.
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "server/server.hpp"
+#include "server/tls_credentials.hpp"
 
 namespace fleeced::server {
 
@@ -27,9 +29,15 @@ struct CommandLine {
   bool version = false;
   std::string log_level = "info";
   std::string pidfile;
-  std::string qmp_path;  // --qmp unix:PATH
+  std::string qmp_path;                      // --qmp unix:PATH
+  std::optional<TlsCredsOptions> tls_creds;  // --tls-creds psk:DIR | x509:DIR[,verify-peer=on]
+  TlsMode tls_mode = TlsMode::off;           // --tls; require when --tls-creds is given alone
+  std::string tls_authz;                     // --tls-authz FILE (allow-list)
   ServerOptions server;
 };
+
+// Parses "psk:DIR" or "x509:DIR[,verify-peer=on|off]" (",," for a comma in DIR).
+bool parse_tls_creds(std::string_view text, TlsCredsOptions& out, std::string& error);
 
 // Parses "name=N,file=F[,writable=on|off][,description=D][,direct=on|off][,discard=on|off]".
 // A literal comma inside a value is written ",," (as in QEMU).

@@ -22,6 +22,7 @@
 #include <boost/asio/use_awaitable.hpp>
 
 #include "server/log.hpp"
+#include "server/tls_authz.hpp"
 
 namespace fleeced::server {
 
@@ -30,6 +31,15 @@ namespace {
 unsigned cpu_count() {
   unsigned n = std::thread::hardware_concurrency();
   return n == 0 ? 2 : n;
+}
+
+// " (TLS required, x509:DIR verify-peer=on)" for the listening log line.
+std::string describe_tls(const TlsPolicy* tls) {
+  if (!tls || tls->mode == TlsMode::off || !tls->creds) return "";
+  std::string out = tls->mode == TlsMode::require ? " (TLS required, " : " (TLS offered, ";
+  out += tls->creds->get()->describe();
+  if (tls->authz) out += ", allow-list of " + std::to_string(tls->authz->rules().size());
+  return out + ")";
 }
 
 }  // namespace
@@ -92,6 +102,7 @@ bool parse_listen_address(std::string_view text, ListenAddress& out, std::string
 
 struct Server::Listener {
   ListenAddress address;
+  std::shared_ptr<const TlsPolicy> tls;
   boost::asio::basic_socket_acceptor<boost::asio::generic::stream_protocol> acceptor;
   explicit Listener(boost::asio::io_context& loop) : acceptor(loop) {}
 };
@@ -122,9 +133,10 @@ boost::asio::io_context& Server::next_loop() {
   return *loops_[i % loops_.size()];
 }
 
-std::error_code Server::listen(const ListenAddress& address) {
+std::error_code Server::listen(const ListenAddress& address, std::shared_ptr<const TlsPolicy> tls) {
   auto l = std::make_unique<Listener>(*loops_.front());
   l->address = address;
+  l->tls = std::move(tls);
   boost::system::error_code ec;
   boost::asio::generic::stream_protocol::endpoint endpoint;
   if (address.kind == ListenAddress::Kind::unix_socket) {
@@ -146,7 +158,7 @@ std::error_code Server::listen(const ListenAddress& address) {
   if (!ec) l->acceptor.bind(endpoint, ec);
   if (!ec) l->acceptor.listen(boost::asio::socket_base::max_listen_connections, ec);
   if (ec) return ec;
-  log().info("listening on {}", address.to_string());
+  log().info("listening on {}{}", address.to_string(), describe_tls(l->tls.get()));
   listeners_.push_back(std::move(l));
   return {};
 }
@@ -175,15 +187,18 @@ void Server::start_accepting(Listener& l) {
             socket.close(ignored);
             continue;
           }
-          spawn_connection(loop, std::make_unique<SocketStream>(std::move(socket)));
+          spawn_connection(loop, std::make_unique<SocketStream>(std::move(socket)), l.tls);
         }
       },
       boost::asio::detached);
 }
 
-void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream) {
+void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream,
+                              std::shared_ptr<const TlsPolicy> tls) {
   uint64_t id = next_id_.fetch_add(1);
-  auto conn = std::make_shared<Connection>(loop.get_executor(), std::move(stream), context_, id);
+  ServerContext context = context_;
+  context.tls = std::move(tls);
+  auto conn = std::make_shared<Connection>(loop.get_executor(), std::move(stream), context, id);
   ++active_;
   {
     std::lock_guard lock(mu_);
@@ -209,11 +224,12 @@ void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Str
       });
 }
 
-std::error_code Server::listen_now(const ListenAddress& address) {
+std::error_code Server::listen_now(const ListenAddress& address,
+                                   std::shared_ptr<const TlsPolicy> tls) {
   std::promise<std::error_code> done;
   auto result = done.get_future();
-  boost::asio::post(*loops_.front(), [this, &address, &done] {
-    std::error_code ec = listen(address);
+  boost::asio::post(*loops_.front(), [this, &address, &done, &tls] {
+    std::error_code ec = listen(address, tls);
     if (!ec) start_accepting(*listeners_.back());
     done.set_value(ec);
   });
@@ -257,7 +273,8 @@ void Server::disconnect_export(const ExportState* state) {
 void Server::serve_stdio(int in_fd, int out_fd) {
   stdio_mode_ = true;
   auto& loop = *loops_.front();
-  spawn_connection(loop, std::make_unique<StdioStream>(loop.get_executor(), in_fd, out_fd));
+  spawn_connection(loop, std::make_unique<StdioStream>(loop.get_executor(), in_fd, out_fd),
+                   nullptr);
 }
 
 void Server::stop() {
@@ -301,6 +318,15 @@ void Server::stop() {
   });
 }
 
+void Server::wait_for_sighup(boost::asio::signal_set& hup) {
+  hup.async_wait([this, &hup](const boost::system::error_code& ec, int) {
+    if (ec) return;
+    log().info("received SIGHUP: reloading TLS credentials");
+    if (on_reload_) boost::asio::post(io_pool_, on_reload_);
+    wait_for_sighup(hup);
+  });
+}
+
 void Server::finish_stop() {
   std::lock_guard lock(mu_);
   finished_ = true;
@@ -314,6 +340,8 @@ int Server::run() {
     log().info("received signal {}", sig);
     stop();
   });
+  boost::asio::signal_set hup(*loops_.front(), SIGHUP);
+  wait_for_sighup(hup);
   for (auto& l : listeners_) start_accepting(*l);
   std::vector<std::thread> threads;
   for (auto& loop : loops_) {
@@ -325,6 +353,7 @@ int Server::run() {
   }
   boost::system::error_code ignored;
   signals.cancel(ignored);
+  hup.cancel(ignored);
   for (auto& g : guards_) g.reset();
   for (auto& l : loops_) l->stop();
   for (auto& t : threads) t.join();

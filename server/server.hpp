@@ -8,6 +8,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -19,6 +20,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
 #include <boost/asio/thread_pool.hpp>
 
 #include "server/connection.hpp"
@@ -52,8 +54,10 @@ class Server {
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  // Binds and listens now (before run()). Errors: bind/listen errno.
-  std::error_code listen(const ListenAddress& address);
+  // Binds and listens now (before run()); connections on it follow `tls`
+  // (null: TLS off). Errors: bind/listen errno.
+  std::error_code listen(const ListenAddress& address,
+                         std::shared_ptr<const TlsPolicy> tls = nullptr);
   // Serves one connection on the given descriptors; the server stops when it ends.
   void serve_stdio(int in_fd, int out_fd);
   // Runs until stop() and every connection has ended (or the grace period
@@ -63,13 +67,16 @@ class Server {
   void stop();
 
   // While running: binds, listens and accepts at once. Thread-safe.
-  std::error_code listen_now(const ListenAddress& address);
+  std::error_code listen_now(const ListenAddress& address,
+                             std::shared_ptr<const TlsPolicy> tls = nullptr);
   // While running: stops accepting on `address` and removes its socket file.
   void close_listener(const ListenAddress& address);
   // Closes every connection serving the export with this state. Thread-safe.
   void disconnect_export(const ExportState* state);
   void set_max_connections(unsigned n) { max_connections_.store(n); }
   unsigned max_connections() const { return max_connections_.load(); }
+  // Called (on the I/O pool) for every SIGHUP while running. Before run().
+  void set_reload_handler(std::function<void()> fn) { on_reload_ = std::move(fn); }
 
   std::size_t active_connections() const { return active_.load(); }
   ServerContext& context() { return context_; }
@@ -78,9 +85,11 @@ class Server {
  private:
   struct Listener;
   boost::asio::io_context& next_loop();
-  void spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream);
+  void spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream,
+                        std::shared_ptr<const TlsPolicy> tls);
   void start_accepting(Listener& l);
   void finish_stop();
+  void wait_for_sighup(boost::asio::signal_set& hup);
 
   ServerOptions options_;
   ExportRegistry& registry_;
@@ -96,6 +105,7 @@ class Server {
   std::atomic<bool> stopping_{false};
   std::atomic<unsigned> max_connections_{100};
   bool stdio_mode_ = false;
+  std::function<void()> on_reload_;  // set before run()
 
   std::mutex mu_;
   std::condition_variable cv_;

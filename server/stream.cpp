@@ -13,6 +13,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 
+#include "server/tls_stream.hpp"
+
 namespace fleeced::server {
 
 namespace {
@@ -49,6 +51,12 @@ std::string describe_peer(asio::generic::stream_protocol::socket& socket) {
 
 }  // namespace
 
+std::unique_ptr<TlsStream> Stream::start_tls(std::shared_ptr<const TlsCredentials>) {
+  return nullptr;
+}
+
+asio::awaitable<void> Stream::async_shutdown() { co_return; }
+
 SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
     : socket_(std::move(socket)), peer_(describe_peer(socket_)) {
   // The spec asks both sides to set TCP_NODELAY; ignore failure on unix sockets.
@@ -76,6 +84,10 @@ asio::awaitable<void> SocketStream::async_write_all(std::span<const asio::const_
   co_await asio::async_write(socket_, buffers, no_cap,
                              asio::redirect_error(asio::use_awaitable, bec));
   ec = bec;
+}
+
+std::unique_ptr<TlsStream> SocketStream::start_tls(std::shared_ptr<const TlsCredentials> creds) {
+  return std::make_unique<TlsStream>(std::move(socket_), std::move(creds), peer_);
 }
 
 void SocketStream::shutdown_receive() {

@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: MIT
 // Stream is the byte transport under one NBD connection: a unix or TCP socket,
-// stdin/stdout, and (later) a TLS stream that replaces a plain one after
-// NBD_OPT_STARTTLS. A Stream belongs to one connection and is used only on
-// that connection's executor.
+// stdin/stdout, or a TLS stream (server/tls_stream.hpp) that takes over a
+// socket after NBD_OPT_STARTTLS. A Stream belongs to one connection and is
+// used only on that connection's executor.
 #pragma once
 
 #include <cstddef>
@@ -21,6 +21,9 @@ namespace fleeced::server {
 
 namespace asio = boost::asio;
 
+class TlsCredentials;
+class TlsStream;
+
 class Stream {
  public:
   virtual ~Stream() = default;
@@ -36,6 +39,13 @@ class Stream {
   virtual void close() = 0;
   // "unix:/path", "tcp:1.2.3.4:5678" or "stdio", for logs.
   virtual std::string peer() const = 0;
+  // Hands the transport over to a TLS server stream (handshake not done
+  // yet); this stream is left without a transport. Null if the transport
+  // cannot carry TLS (stdio).
+  virtual std::unique_ptr<TlsStream> start_tls(std::shared_ptr<const TlsCredentials> creds);
+  // Ends the session politely (a TLS close_notify), bounded in time; plain
+  // streams have nothing to say.
+  virtual asio::awaitable<void> async_shutdown();
 };
 
 // A connected unix or TCP socket.
@@ -49,6 +59,7 @@ class SocketStream final : public Stream {
   void shutdown_receive() override;
   void close() override;
   std::string peer() const override { return peer_; }
+  std::unique_ptr<TlsStream> start_tls(std::shared_ptr<const TlsCredentials> creds) override;
   asio::generic::stream_protocol::socket& socket() { return socket_; }
 
  private:

@@ -56,8 +56,12 @@ Commands:
   export add ID NODE [--name NAME] [--writable] [--description TEXT]
                      [--bitmap B]...     B is NAME (on NODE) or BNODE/NAME
   export del ID [--hard]
-  server start unix:PATH [--tls-creds ID] [--max-connections N]
+  server start unix:PATH [--tls-creds ID] [--tls-authz ID] [--max-connections N]
   server stop
+  tls add psk|x509 ID DIR [--no-verify-peer]
+                                         TLS credentials for server start
+  tls del ID
+  tls reload ID                          re-read DIR (certificate/key rotation)
   jobs                                   block jobs
   job cancel ID [--force]
   raw JSON                               send JSON verbatim, print the response
@@ -432,12 +436,39 @@ Plan plan_export(const std::vector<std::string>& w) {
   return plan;
 }
 
+Plan plan_tls(const std::vector<std::string>& w) {
+  const char* usage =
+      "usage: fleecectl tls add psk|x509 ID DIR [--no-verify-peer] | del ID | reload ID";
+  if (w.size() < 2) throw UsageError(usage);
+  Plan plan;
+  if (w[1] == "add") {
+    Parsed p = parse_words(w, 2, {"--no-verify-peer"}, {});
+    expect_count(p, 3, 3, "tls add psk|x509 ID DIR [--no-verify-peer]");
+    const std::string& kind = p.positional[0];
+    if (kind != "psk" && kind != "x509") throw UsageError("tls add: expected psk or x509");
+    plan.execute = "object-add";
+    plan.arguments = {{"qom-type", "tls-creds-" + kind},
+                      {"id", p.positional[1]},
+                      {"endpoint", "server"},
+                      {"dir", p.positional[2]}};
+    if (kind == "x509") plan.arguments["verify-peer"] = !p.flag("--no-verify-peer");
+  } else if (w[1] == "del" || w[1] == "reload") {
+    expect_count(parse_words(w, 2, {}, {}), 1, 1, "tls " + w[1] + " ID");
+    plan.execute = w[1] == "del" ? "object-del" : "x-fleeced-tls-reload";
+    plan.arguments = {{"id", w[2]}};
+  } else {
+    throw UsageError(usage);
+  }
+  return plan;
+}
+
 Plan plan_server(const std::vector<std::string>& w) {
   if (w.size() < 2) throw UsageError("usage: fleecectl server start unix:PATH | server stop");
   Plan plan;
   if (w[1] == "start") {
-    Parsed p = parse_words(w, 2, {}, {"--tls-creds", "--max-connections"});
-    expect_count(p, 1, 1, "server start unix:PATH [--tls-creds ID] [--max-connections N]");
+    Parsed p = parse_words(w, 2, {}, {"--tls-creds", "--tls-authz", "--max-connections"});
+    expect_count(p, 1, 1,
+                 "server start unix:PATH [--tls-creds ID] [--tls-authz ID] [--max-connections N]");
     const std::string& address = p.positional[0];
     if (!address.starts_with("unix:") || address.size() == 5) {
       throw UsageError("server start expects unix:PATH, got '" + address + "'");
@@ -446,6 +477,7 @@ Plan plan_server(const std::vector<std::string>& w) {
     plan.arguments = {{"addr", json::object{{"type", "unix"},
                                             {"data", json::object{{"path", address.substr(5)}}}}}};
     if (auto t = p.value("--tls-creds")) plan.arguments["tls-creds"] = *t;
+    if (auto t = p.value("--tls-authz")) plan.arguments["tls-authz"] = *t;
     if (auto m = p.value("--max-connections")) {
       plan.arguments["max-connections"] = parse_number("--max-connections", *m);
     }
@@ -483,6 +515,8 @@ Plan make_plan(const std::vector<std::string>& w) {
     plan = plan_export(w);
   } else if (command == "server") {
     plan = plan_server(w);
+  } else if (command == "tls") {
+    plan = plan_tls(w);
   } else if (command == "jobs") {
     expect_count(parse_words(w, 1, {}, {}), 0, 0, "jobs");
     plan.execute = "query-block-jobs";

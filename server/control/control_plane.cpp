@@ -63,6 +63,7 @@ void ControlPlane::register_commands(CommandTable& table, std::function<void()> 
       return run_actions({[this, t, &a] { return act_bitmap(t, a); }});
     });
   }
+  register_tls_commands(table);
   table.add("quit", [on_quit = std::move(on_quit)](Args& a, EventSink&) {
     if (!a.finish()) return CommandResult{json::object(), a.error()};
     on_quit();
@@ -355,11 +356,9 @@ CommandResult ControlPlane::cmd_nbd_server_start(Args& a) {
     return CommandResult::fail("Socket address type '" + *type + "' is not supported");
   }
   if (nbd_address_) return CommandResult::fail("NBD server already running");
-  if (tls_creds || tls_authz) {
-    return CommandResult::fail("No TLS credentials object '" + tls_creds.value_or("") +
-                               "' (TLS is not supported yet)");
-  }
-  if (std::error_code ec = server_.listen_now(address)) {
+  std::shared_ptr<const TlsPolicy> tls;
+  if (auto err = tls_policy(tls_creds, tls_authz, tls)) return {json::object(), *err};
+  if (std::error_code ec = server_.listen_now(address, tls)) {
     return CommandResult::fail("Failed to bind socket to " + address.to_string() + ": " +
                                ec.message());
   }

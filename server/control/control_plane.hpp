@@ -17,7 +17,14 @@
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
 
+namespace fleeced::server {
+struct TlsPolicy;
+class TlsCredsHandle;
+}  // namespace fleeced::server
+
 namespace fleeced::server::control {
+
+struct TlsObjects;
 
 class ControlPlane {
  public:
@@ -39,6 +46,10 @@ class ControlPlane {
   void set_command_line_listeners(bool present) { command_line_listeners_ = present; }
 
   block::NodeGraph& graph() { return graph_; }
+
+  // Re-reads every server credentials object (SIGHUP); failures keep the
+  // old credentials and are logged. Control thread.
+  void reload_tls_objects();
 
  private:
   // A fleecing backup job (blockdev-backup sync=none): its filter sits
@@ -80,6 +91,17 @@ class ControlPlane {
   CommandResult cmd_blockdev_backup(Args& a);
   CommandResult cmd_query_block_jobs(Args& a);
   CommandResult cmd_block_job_cancel(Args& a, EventSink& events);
+  // TLS objects (server/control/tls_commands.cpp).
+  void register_tls_commands(CommandTable& table);
+  CommandResult cmd_object_add(Args& a);
+  CommandResult cmd_object_del(Args& a);
+  CommandResult cmd_tls_reload(Args& a);
+  std::shared_ptr<TlsCredsHandle> server_creds_or_error(const std::string& id, QmpError& err) const;
+  // nbd-server-start's tls-creds and tls-authz as a listener policy (null
+  // without tls-creds).
+  std::optional<QmpError> tls_policy(const std::optional<std::string>& creds_id,
+                                     const std::optional<std::string>& authz_id,
+                                     std::shared_ptr<const TlsPolicy>& out) const;
 
   // A bitmap action applied now; `undo` reverts it (transaction rollback).
   struct Applied {
@@ -114,6 +136,7 @@ class ControlPlane {
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
   unsigned default_max_connections_;          // --max-connections
   bool command_line_listeners_ = false;
+  std::shared_ptr<TlsObjects> tls_objects_;   // object-add'ed TLS objects
 };
 
 }  // namespace fleeced::server::control

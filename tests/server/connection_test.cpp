@@ -367,7 +367,7 @@ class ConnectionHarness : public ::testing::Test {
     }
     asio::generic::stream_protocol::socket socket(
         io_, asio::generic::stream_protocol(AF_UNIX, SOCK_STREAM), fds[0]);
-    ServerContext context{&registry_, &pool_, limits};
+    ServerContext context{&registry_, &pool_, limits, nullptr};
     auto s = std::make_unique<Session>();
     s->client = std::make_unique<RawClient>(fds[1]);
     s->conn = std::make_shared<Connection>(io_.get_executor(),

@@ -394,11 +394,84 @@ TEST(ParseCommandLine, RejectsStdinWithListen) {
             "--stdin and --listen cannot be combined");
 }
 
+// ---- TLS options ----
+
+TEST(ParseTlsCreds, PskAndX509WithVerifyPeer) {
+  TlsCredsOptions o;
+  std::string error;
+  ASSERT_TRUE(parse_tls_creds("psk:/etc/keys", o, error)) << error;
+  EXPECT_EQ(o.kind, TlsCredsOptions::Kind::psk);
+  EXPECT_EQ(o.dir, "/etc/keys");
+  EXPECT_FALSE(o.verify_peer);
+  ASSERT_TRUE(parse_tls_creds("x509:/pki,verify-peer=on", o, error)) << error;
+  EXPECT_EQ(o.kind, TlsCredsOptions::Kind::x509);
+  EXPECT_EQ(o.dir, "/pki");
+  EXPECT_TRUE(o.verify_peer);
+  ASSERT_TRUE(parse_tls_creds("x509:/a,,b", o, error)) << error;
+  EXPECT_EQ(o.dir, "/a,b");
+  EXPECT_FALSE(o.verify_peer);
+}
+
+TEST(ParseTlsCreds, RejectsBadForms) {
+  TlsCredsOptions o;
+  std::string error;
+  EXPECT_FALSE(parse_tls_creds("/dir", o, error));
+  EXPECT_EQ(error, "--tls-creds expects psk:DIR or x509:DIR[,verify-peer=on], got '/dir'");
+  EXPECT_FALSE(parse_tls_creds("psk:", o, error));
+  EXPECT_EQ(error, "--tls-creds: the credentials directory is missing");
+  EXPECT_FALSE(parse_tls_creds("psk:/d,verify-peer=on", o, error));
+  EXPECT_EQ(error, "--tls-creds: verify-peer applies to x509 credentials only");
+  EXPECT_FALSE(parse_tls_creds("x509:/d,priority=NORMAL", o, error));
+  EXPECT_EQ(error, "--tls-creds: unknown option 'priority=NORMAL' (only verify-peer=on|off)");
+  EXPECT_FALSE(parse_tls_creds("x509:/d,verify-peer=maybe", o, error));
+}
+
+TEST(ParseCommandLine, TlsCredsAloneMeanRequire) {
+  CommandLine cl;
+  std::string error;
+  ASSERT_TRUE(parse_command_line(
+      {"--export", "name=a,file=f", "--listen", "unix:/s", "--tls-creds", "psk:/k"}, cl, error))
+      << error;
+  ASSERT_TRUE(cl.tls_creds);
+  EXPECT_EQ(cl.tls_mode, TlsMode::require);
+  ASSERT_TRUE(parse_command_line({"--export", "name=a,file=f", "--listen", "unix:/s",
+                                  "--tls-creds=x509:/p", "--tls=on", "--tls-authz", "/allow"},
+                                 cl, error))
+      << error;
+  EXPECT_EQ(cl.tls_mode, TlsMode::on);
+  EXPECT_EQ(cl.tls_authz, "/allow");
+  ASSERT_TRUE(parse_command_line(
+      {"--export", "name=a,file=f", "--listen", "unix:/s", "--tls-creds=psk:/k", "--tls=off"}, cl,
+      error))
+      << error;
+  EXPECT_EQ(cl.tls_mode, TlsMode::off);
+  ASSERT_TRUE(parse_command_line({"--export", "name=a,file=f", "--listen", "unix:/s"}, cl, error));
+  EXPECT_EQ(cl.tls_mode, TlsMode::off);
+  EXPECT_FALSE(cl.tls_creds);
+}
+
+TEST(ParseCommandLine, RejectsInconsistentTls) {
+  const Args base = {"--export", "name=a,file=f", "--listen", "unix:/s"};
+  auto with = [&](std::initializer_list<std::string> extra) {
+    Args a = base;
+    a.insert(a.end(), extra);
+    return a;
+  };
+  EXPECT_EQ(command_line_error(with({"--tls=require"})), "--tls=require needs --tls-creds");
+  EXPECT_EQ(command_line_error(with({"--tls=on"})), "--tls=on needs --tls-creds");
+  EXPECT_EQ(command_line_error(with({"--tls=sometimes", "--tls-creds=psk:/k"})),
+            "--tls must be require, on or off, got 'sometimes'");
+  EXPECT_EQ(command_line_error(with({"--tls-authz=/allow"})), "--tls-authz needs --tls-creds");
+  EXPECT_EQ(command_line_error({"--export", "name=a,file=f", "--stdin", "--tls-creds=psk:/k"}),
+            "--stdin cannot be combined with TLS");
+}
+
 TEST(UsageText, MentionsEveryOption) {
   const std::string text = usage_text();
-  for (const char* opt : {"--export", "--listen", "--stdin", "--threads", "--io-threads",
-                          "--max-connections", "--max-requests", "--handshake-timeout",
-                          "--log-level", "--pidfile", "--qmp", "--help", "--version"}) {
+  for (const char* opt :
+       {"--export", "--listen", "--stdin", "--threads", "--io-threads", "--max-connections",
+        "--max-requests", "--handshake-timeout", "--log-level", "--pidfile", "--qmp", "--help",
+        "--version", "--tls-creds", "--tls=", "--tls-authz"}) {
     EXPECT_NE(text.find(opt), std::string::npos) << opt;
   }
 }
