@@ -136,7 +136,7 @@ class ControlPlane {
   std::optional<ListenAddress> nbd_address_;  // the QMP-started NBD server
   unsigned default_max_connections_;          // --max-connections
   bool command_line_listeners_ = false;
-  std::shared_ptr<TlsObjects> tls_objects_;   // object-add'ed TLS objects
+  std::shared_ptr<TlsObjects> tls_objects_;  // object-add'ed TLS objects
 };
 
 }  // namespace fleeced::server::control
