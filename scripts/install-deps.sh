@@ -8,7 +8,7 @@ packages=(
   # build
   build-essential cmake ninja-build ccache pkg-config clang clang-format
   libboost1.81-dev libboost-json1.81-dev libssl-dev libspdlog-dev libfmt-dev
-  libgtest-dev libgmock-dev libnbd-dev
+  libgtest-dev libgmock-dev libnbd-dev libxxhash-dev
   # real clients and peers used by tests, demo and benchmarks
   libnbd-bin python3 python3-libnbd nbdkit qemu-utils qemu-system-common fio
   gnutls-bin openssl jq util-linux procps coreutils

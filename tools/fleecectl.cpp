@@ -5,14 +5,9 @@
 // QMP or connection error ("fleecectl: CLASS: desc"), 2 on a usage error.
 // Events that arrive while it waits are skipped, or printed on stderr with
 // --verbose (always with `raw`). Single-threaded, blocking I/O with timeouts.
-#include <poll.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -25,9 +20,13 @@
 
 #include <boost/json.hpp>
 
+#include "common/qmp_client.hpp"
+
 namespace {
 
 namespace json = boost::json;
+using fleece::tools::QmpClient;
+using fleece::tools::QmpFailure;
 
 constexpr int kExitOk = 0;
 constexpr int kExitError = 1;
@@ -160,118 +159,6 @@ void pretty(std::ostream& out, const json::value& v, int indent) {
     out << json::serialize(v);
   }
 }
-
-// ---- the QMP connection
-
-class QmpClient {
- public:
-  QmpClient(const std::string& path, int timeout_seconds, bool show_events)
-      : path_(path), timeout_seconds_(timeout_seconds), show_events_(show_events) {
-    sockaddr_un addr{};
-    if (path.size() >= sizeof(addr.sun_path)) throw Failure("socket path too long: " + path);
-    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd_ < 0) throw Failure(std::string("socket: ") + std::strerror(errno));
-    addr.sun_family = AF_UNIX;
-    path.copy(addr.sun_path, sizeof(addr.sun_path) - 1);
-    if (::connect(fd_, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
-      const int err = errno;
-      ::close(fd_);
-      throw Failure("cannot connect to " + path + ": " + std::strerror(err));
-    }
-  }
-  ~QmpClient() { ::close(fd_); }
-  QmpClient(const QmpClient&) = delete;
-  QmpClient& operator=(const QmpClient&) = delete;
-
-  // Reads the greeting and negotiates capabilities; returns the error response, if any.
-  std::optional<json::object> negotiate() {
-    json::object greeting = read_message();
-    if (!greeting.contains("QMP")) throw Failure(path_ + " does not speak QMP (no greeting)");
-    json::object response = call(R"({"execute": "qmp_capabilities"})");
-    if (response.contains("error")) return response;
-    return std::nullopt;
-  }
-
-  // Sends one JSON text and returns the first message that is not an event.
-  json::object call(std::string_view text) {
-    std::string line(text);
-    line += '\n';
-    send_all(line);
-    for (;;) {
-      json::object message = read_message();
-      if (!message.contains("event")) return message;
-      if (show_events_) std::cerr << last_line_ << '\n';
-    }
-  }
-
-  // The last line received, as the server sent it (without "\r\n").
-  const std::string& last_line() const { return last_line_; }
-
- private:
-  void send_all(std::string_view bytes) {
-    while (!bytes.empty()) {
-      const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) throw Failure(std::string("send to ") + path_ + ": " + std::strerror(errno));
-      bytes.remove_prefix(static_cast<std::size_t>(n));
-    }
-  }
-
-  // One JSON object per line; a line may arrive in pieces.
-  json::object read_message() {
-    for (;;) {
-      std::string line = read_line();
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      json::error_code ec;
-      json::value v = json::parse(line, ec);
-      if (ec || !v.is_object()) throw Failure("unexpected output from the server: " + line);
-      last_line_ = std::move(line);
-      return std::move(v.as_object());
-    }
-  }
-
-  std::string read_line() {
-    using Clock = std::chrono::steady_clock;
-    const auto deadline = Clock::now() + std::chrono::seconds(timeout_seconds_);
-    for (;;) {
-      const std::size_t nl = buffer_.find('\n');
-      if (nl != std::string::npos) {
-        std::string line = buffer_.substr(0, nl);
-        buffer_.erase(0, nl + 1);
-        if (!line.empty() && line.back() == '\r') line.pop_back();
-        return line;
-      }
-      int wait_ms = -1;
-      if (timeout_seconds_ > 0) {
-        const auto left =
-            std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-        if (left.count() <= 0) {
-          throw Failure("no answer from " + path_ + " within " + std::to_string(timeout_seconds_) +
-                        " s");
-        }
-        wait_ms = static_cast<int>(left.count());
-      }
-      pollfd p{fd_, POLLIN, 0};
-      const int r = ::poll(&p, 1, wait_ms);
-      if (r < 0 && errno == EINTR) continue;
-      if (r < 0) throw Failure(std::string("poll: ") + std::strerror(errno));
-      if (r == 0) continue;  // the deadline check above reports it
-      char chunk[65536];
-      const ssize_t n = ::recv(fd_, chunk, sizeof(chunk), 0);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) throw Failure(std::string("recv: ") + std::strerror(errno));
-      if (n == 0) throw Failure("connection closed by " + path_);
-      buffer_.append(chunk, static_cast<std::size_t>(n));
-    }
-  }
-
-  std::string path_;
-  int timeout_seconds_;
-  bool show_events_;
-  int fd_ = -1;
-  std::string buffer_;
-  std::string last_line_;
-};
 
 // ---- argument parsing
 
@@ -741,6 +628,9 @@ int main(int argc, char** argv) {
     std::cerr << "fleecectl: error: " << e.what() << '\n';
     return kExitUsage;
   } catch (const Failure& e) {
+    std::cerr << "fleecectl: " << e.what() << '\n';
+    return kExitError;
+  } catch (const QmpFailure& e) {
     std::cerr << "fleecectl: " << e.what() << '\n';
     return kExitError;
   } catch (const std::exception& e) {

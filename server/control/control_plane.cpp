@@ -306,10 +306,17 @@ CommandResult ControlPlane::cmd_query_named_block_nodes(Args& a) {
     o["drv"] = n->driver();
     o["ro"] = n->device()->capabilities().read_only;
     o["write_threshold"] = 0;
-    if (auto f = std::dynamic_pointer_cast<block::FileNode>(n)) o["file"] = f->filename();
+    // As QEMU: "image" carries the virtual size (backup tools size their
+    // scratch files from it).
+    json::object image{{"virtual-size", n->device()->size()}, {"format", n->driver()}};
+    if (auto f = std::dynamic_pointer_cast<block::FileNode>(n)) {
+      o["file"] = f->filename();
+      image["filename"] = f->filename();
+    }
     if (auto raw = std::dynamic_pointer_cast<block::RawNode>(n)) {
       if (auto f = std::dynamic_pointer_cast<block::FileNode>(raw->child())) {
         o["file"] = f->filename();
+        image["filename"] = f->filename();
       }
       if (!raw->bitmaps().empty()) {
         json::array bitmaps;
@@ -317,6 +324,7 @@ CommandResult ControlPlane::cmd_query_named_block_nodes(Args& a) {
         o["dirty-bitmaps"] = std::move(bitmaps);
       }
     }
+    o["image"] = std::move(image);
     out.push_back(std::move(o));
   }
   return CommandResult::ok(std::move(out));
