@@ -18,6 +18,9 @@
 // so a second write of a cluster is detected even when the two race. On an I/O error the
 // claims are dropped; the host clusters already reserved stay unreferenced and get refcount 0.
 //
+// The header's size field is virtual_size rounded up to 512: QEMU (7.2) reads it as a sector
+// count and would drop an unaligned tail; qemu-img create rounds up the same way.
+//
 // Refcounts are computed in finish() from what the metadata references, and each referenced
 // cluster is checked to be referenced once: refcount 1 everywhere, so every L1/L2 entry
 // carries the COPIED flag.
