@@ -116,6 +116,7 @@ std::string Manifest::to_json() const {
                    {"cut", b.cut},
                    {"finished", b.finished},
                    {"seconds", b.seconds},
+                   {"pull_seconds", b.pull_seconds},
                    {"bytes_pulled", b.bytes_pulled},
                    {"bytes_zeroed", b.bytes_zeroed},
                    {"file_size", b.file_size},
@@ -181,6 +182,7 @@ Manifest Manifest::load(const std::string& dir) {
     x.cut = str(b, "cut", where);
     x.finished = str(b, "finished", where);
     x.seconds = real(b, "seconds", where);
+    x.pull_seconds = real(b, "pull_seconds", where);
     x.bytes_pulled = num(b, "bytes_pulled", where);
     x.bytes_zeroed = num(b, "bytes_zeroed", where);
     x.file_size = num(b, "file_size", where);

@@ -19,7 +19,8 @@ struct BackupEntry {
   std::string checkpoint;              // bitmap created at this backup's cut
   std::string bitmap;                  // incremental: the frozen bitmap that was pulled
   std::string started, cut, finished;  // ISO 8601 UTC
-  double seconds = 0;
+  double seconds = 0;                  // the whole run, fleece set-up and teardown included
+  double pull_seconds = 0;             // mapping and copying only
   uint64_t bytes_pulled = 0, bytes_zeroed = 0, dirty_bytes = 0, file_size = 0;
   std::string digest;  // disk digest at the cut (xxh3-128 over the chunk digests)
 };
