@@ -68,7 +68,9 @@ Options:
   --no-persistent       create the checkpoint bitmap without "persistent": true
   --scratch DIR         where the fleece's scratch file goes (default: DIR)
   --exec-at-cut CMD     run `sh -c CMD` while the fleece is exported, before the pull
-                        ($FLEECE_URI, $FLEECE_INDEX set); a failure fails the backup
+                        ($FLEECE_URI, $FLEECE_INDEX, and for incrementals $FLEECE_BITMAP and
+                        $FLEECE_BITMAP_COUNT set); a failure fails the backup. The control
+                        socket is busy meanwhile (it serves one client).
   --connections N       NBD connections when the export allows multi-conn (default 4)
   --requests N          requests in flight per connection (default 16)
   --request-size BYTES  bytes per read (default 1M)
@@ -279,12 +281,17 @@ uint64_t default_chunk(uint64_t size) {
   return chunk;
 }
 
-int run_hook(const std::string& cmd, const std::string& uri, unsigned index) {
+int run_hook(const std::string& cmd, const std::string& uri, unsigned index,
+             const std::string& bitmap, uint64_t bitmap_count) {
   const pid_t pid = ::fork();
   if (pid < 0) throw std::runtime_error(std::string("fork: ") + std::strerror(errno));
   if (pid == 0) {
     ::setenv("FLEECE_URI", uri.c_str(), 1);
     ::setenv("FLEECE_INDEX", std::to_string(index).c_str(), 1);
+    if (!bitmap.empty()) {
+      ::setenv("FLEECE_BITMAP", bitmap.c_str(), 1);
+      ::setenv("FLEECE_BITMAP_COUNT", std::to_string(bitmap_count).c_str(), 1);
+    }
     ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
     ::_exit(127);
   }
@@ -408,14 +415,20 @@ int cmd_backup(const Args& a, bool incremental) {
   std::unique_ptr<Qcow2Writer> writer;
   std::string failure;
   PullResult r;
+  uint64_t bitmap_count = 0;
   try {
     session.create(new_bitmap, frozen, m.granularity, !a.flag("no-persistent"));
     bitmap_created = true;
     ++m.next_serial;
     e.cut = iso_time_now();
     const std::string fleece_uri = uri_with_export(nbd_uri, session.export_name());
+    if (incremental) {
+      // The frozen bitmap's count: what the pull must add up to.
+      const NodeState now = session.inspect();
+      if (const BitmapState* b = now.find(frozen)) bitmap_count = b->count;
+    }
     if (auto hook = a.value("exec-at-cut")) {
-      const int rc = run_hook(*hook, fleece_uri, index);
+      const int rc = run_hook(*hook, fleece_uri, index, frozen, bitmap_count);
       if (rc != 0)
         throw std::runtime_error("--exec-at-cut command exited with " + std::to_string(rc));
     }
@@ -519,6 +532,7 @@ int cmd_backup(const Args& a, bool incremental) {
   if (incremental) {
     o["dirty_bytes"] = e.dirty_bytes;
     o["bitmap"] = frozen;
+    o["bitmap_count"] = bitmap_count;
     text += " of " + human_bytes(static_cast<double>(e.dirty_bytes)) + " dirty";
   }
   text += ", zeroed " + human_bytes(static_cast<double>(e.bytes_zeroed)) + " in " +

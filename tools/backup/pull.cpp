@@ -33,12 +33,7 @@ struct HandleDeleter {
 };
 using Handle = std::unique_ptr<nbd_handle, HandleDeleter>;
 
-struct Range {
-  uint64_t offset;
-  uint64_t length;
-  bool data;  // false: reads as zero
-  uint64_t end() const { return offset + length; }
-};
+using detail::Range;
 
 void append(std::vector<Range>& v, uint64_t offset, uint64_t length, bool data) {
   if (length == 0) return;
@@ -49,9 +44,32 @@ void append(std::vector<Range>& v, uint64_t offset, uint64_t length, bool data) 
   v.push_back({offset, length, data});
 }
 
+struct Extents {
+  std::vector<std::pair<uint64_t, uint32_t>> alloc;  // (length, flags)
+  std::vector<std::pair<uint64_t, uint32_t>> bitmap;
+  std::string bitmap_context;
+};
+
+int extent_callback(void* user, const char* context, uint64_t /*offset*/, uint32_t* entries,
+                    size_t n, int* /*error*/) {
+  auto* ex = static_cast<Extents*>(user);
+  std::vector<std::pair<uint64_t, uint32_t>>* out = nullptr;
+  if (std::strcmp(context, kAllocation) == 0) {
+    out = &ex->alloc;
+  } else if (context == ex->bitmap_context) {
+    out = &ex->bitmap;
+  }
+  if (!out) return 0;
+  for (size_t i = 0; i + 1 < n; i += 2) out->emplace_back(entries[i], entries[i + 1]);
+  return 0;
+}
+
+}  // namespace
+
 // Chunk mode: data and zero ranges grow to whole chunks; a chunk with any
 // data in it is data. Input sorted and disjoint; output likewise.
-std::vector<Range> align_to_chunks(const std::vector<Range>& in, uint64_t chunk, uint64_t size) {
+std::vector<Range> detail::align_to_chunks(const std::vector<Range>& in, uint64_t chunk,
+                                           uint64_t size) {
   auto down = [chunk](uint64_t x) { return x / chunk * chunk; };
   auto up = [chunk, size](uint64_t x) { return std::min(size, (x + chunk - 1) / chunk * chunk); };
   std::vector<Range> data, zero;
@@ -85,28 +103,6 @@ std::vector<Range> align_to_chunks(const std::vector<Range>& in, uint64_t chunk,
             [](const Range& x, const Range& y) { return x.offset < y.offset; });
   return out;
 }
-
-struct Extents {
-  std::vector<std::pair<uint64_t, uint32_t>> alloc;  // (length, flags)
-  std::vector<std::pair<uint64_t, uint32_t>> bitmap;
-  std::string bitmap_context;
-};
-
-int extent_callback(void* user, const char* context, uint64_t /*offset*/, uint32_t* entries,
-                    size_t n, int* /*error*/) {
-  auto* ex = static_cast<Extents*>(user);
-  std::vector<std::pair<uint64_t, uint32_t>>* out = nullptr;
-  if (std::strcmp(context, kAllocation) == 0) {
-    out = &ex->alloc;
-  } else if (context == ex->bitmap_context) {
-    out = &ex->bitmap;
-  }
-  if (!out) return 0;
-  for (size_t i = 0; i + 1 < n; i += 2) out->emplace_back(entries[i], entries[i + 1]);
-  return 0;
-}
-
-}  // namespace
 
 Digest digest_of(const void* data, size_t length) {
   const XXH128_hash_t h = XXH3_128bits(data, length);
@@ -241,7 +237,7 @@ struct Puller::Impl {
       offset = stop;
       if (guard > 100'000'000) throw std::runtime_error("block status does not advance");
     }
-    if (options.chunk_size) ranges = align_to_chunks(ranges, options.chunk_size, size);
+    if (options.chunk_size) ranges = detail::align_to_chunks(ranges, options.chunk_size, size);
     return ranges;
   }
 };

@@ -98,6 +98,19 @@ class Cancelled : public std::runtime_error {
   Cancelled() : std::runtime_error("interrupted") {}
 };
 
+namespace detail {
+struct Range {
+  uint64_t offset;
+  uint64_t length;
+  bool data;  // false: reads as zero
+  uint64_t end() const { return offset + length; }
+  bool operator==(const Range&) const = default;
+};
+// Chunk mode: data and zero ranges grow to whole chunks (the last one ends at
+// size); a chunk with any data in it is data. Input and output sorted, disjoint.
+std::vector<Range> align_to_chunks(const std::vector<Range>& in, uint64_t chunk, uint64_t size);
+}  // namespace detail
+
 // Inserts an export name into an NBD URI that has none (or replaces its
 // name): nbd+unix:///?socket=S + "fleece" -> nbd+unix:///fleece?socket=S.
 std::string uri_with_export(const std::string& uri, const std::string& name);
