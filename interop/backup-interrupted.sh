@@ -18,7 +18,10 @@
 #      removed the old fleece and merged the frozen bitmap, and its restore
 #      equals the disk at its cut (captured by its hook) including every
 #      write of the failed periods; the restore of the full equals the
-#      full's cut; verify passes; one bitmap remains.
+#      full's cut; verify passes; one bitmap remains;
+#   d. a full backup killed in its hook: the next full into that directory
+#      removes the bitmap it leaked; a full of an unknown node creates no
+#      directory.
 source "$(dirname "$0")/functions.sh"
 requires nbdcopy qemu-img qemu-io qemu-nbd jq cmp
 _require_fleeced_binary
@@ -201,6 +204,27 @@ cmp "$tmpdir/restore-1.raw" "$img" >&2 || fail "restore 1 differs from the (quie
 backup restore "$dir" --at 0 --to "$tmpdir/restore-0.raw" -q || fail "restore --at 0 failed"
 cmp "$tmpdir/restore-0.raw" "$tmpdir/full-cut.raw" >&2 || fail "restore 0 differs from its cut"
 backup verify "$dir" -q || fail "verify failed"
+
+# ---- d. a full backup killed inside its hook leaks neither its bitmap
+# (the next full into the same directory removes it) nor a directory when
+# the node does not exist
+dir2=$tmpdir/backups-2
+st=0
+"$FLEECE_BACKUP" full "$dir2" --node disk0 -q --exec-at-cut 'kill -9 $PPID' 2>/dev/null || st=$?
+expect_eq "$st" 137 "d: killed full"
+ctl --json bitmaps disk0 >"$tmpdir/q.json"
+expect_eq "$(jq '[.return[] | ."dirty-bitmaps"[]?] | length' "$tmpdir/q.json")" 2 "d: bitmaps after the kill"
+backup full "$dir2" --node disk0 -q 2>"$tmpdir/err.txt" || fail "d: second full failed: $(cat "$tmpdir/err.txt")"
+grep -q "of a full backup that did not finish" "$tmpdir/err.txt" ||
+    fail "d: no message about the leaked bitmap: $(cat "$tmpdir/err.txt")"
+ctl --json bitmaps disk0 >"$tmpdir/q.json"
+expect_eq "$(jq -c '[.return[] | ."dirty-bitmaps"[]? | .name] | sort' "$tmpdir/q.json")" \
+    "$(jq -c --arg first "$(mf .active_bitmap)" '[.active_bitmap, $first] | sort' "$dir2/manifest.json")" \
+    "d: bitmaps after the second full (one per chain)"
+st=0
+"$FLEECE_BACKUP" full "$tmpdir/never" --node nosuch -q 2>/dev/null || st=$?
+expect_eq "$st" 1 "d: unknown node"
+[ ! -e "$tmpdir/never" ] || fail "d: a directory was created for an unknown node"
 
 fleeced_alive "$fleeced_pid" || fail "fleeced died"
 stop_fleeced "$fleeced_pid"

@@ -73,7 +73,7 @@ Options:
                         socket is busy meanwhile (it serves one client).
   --connections N       NBD connections when the export allows multi-conn (default 4)
   --requests N          requests in flight per connection (default 16)
-  --request-size BYTES  bytes per read (default 1M)
+  --request-size BYTES  bytes per read (default 1M; at least the chunk size for full/incremental)
   --progress MODE       bar (default on a terminal), json (lines on stdout), none
   -q, --quiet           no progress and no report
   --json                print the report as one JSON object
@@ -319,6 +319,26 @@ std::string fmt_seconds(double s) {
 
 // ---- full and incremental
 
+// DIR/.pending names the bitmap a run is about to create, until the run ends
+// (a full backup killed after its transaction would otherwise leak it).
+void write_pending(const std::string& dir, const std::string& bitmap) {
+  write_file_atomic(dir + "/.pending", bitmap + "\n");
+}
+
+std::optional<std::string> read_pending(const std::string& dir) {
+  std::FILE* f = std::fopen((dir + "/.pending").c_str(), "r");
+  if (!f) return std::nullopt;
+  char buf[256] = "";
+  const bool ok = std::fgets(buf, sizeof buf, f) != nullptr;
+  std::fclose(f);
+  std::string name = ok ? buf : "";
+  while (!name.empty() && (name.back() == '\n' || name.back() == '\r')) name.pop_back();
+  if (name.rfind("fleece-backup.", 0) != 0) return std::nullopt;
+  return name;
+}
+
+void clear_pending(const std::string& dir) { ::unlink((dir + "/.pending").c_str()); }
+
 int cmd_backup(const Args& a, bool incremental) {
   expect_positional(a, 1,
                     incremental ? "incremental DIR [OPTIONS]" : "full DIR --node NODE [OPTIONS]");
@@ -326,14 +346,10 @@ int cmd_backup(const Args& a, bool incremental) {
   const std::string dir = a.positional[0];
   const std::string qmp_path = a.required("qmp", "FLEECED_QMP");
   const std::string nbd_uri = a.required("nbd", "FLEECED_NBD");
-  if (!incremental) {
-    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
-      throw std::runtime_error("cannot create " + dir + ": " + std::strerror(errno));
-    }
-  }
-  DirLock lock(dir);
   Manifest m;
+  std::unique_ptr<DirLock> lock;
   if (incremental) {
+    lock = std::make_unique<DirLock>(dir);
     if (!manifest_exists(dir)) {
       throw std::runtime_error(dir + " holds no backup chain; take a full backup first");
     }
@@ -342,12 +358,12 @@ int cmd_backup(const Args& a, bool incremental) {
       throw UsageError(dir + " backs up node '" + m.node + "', not '" + *node + "'");
     }
   } else {
+    m.node = a.required("node");
     if (manifest_exists(dir)) {
       throw std::runtime_error(dir +
                                " already holds a backup chain; take an incremental, or a "
                                "full backup into a new directory");
     }
-    m.node = a.required("node");
   }
 
   QmpClient qmp(qmp_path, c.timeout, false);
@@ -376,8 +392,22 @@ int cmd_backup(const Args& a, bool incremental) {
       }
     }
     m.chain = random_id();
+    // The node is there: now the directory.
+    if (::mkdir(dir.c_str(), 0755) != 0 && errno != EEXIST) {
+      throw std::runtime_error("cannot create " + dir + ": " + std::strerror(errno));
+    }
+    lock = std::make_unique<DirLock>(dir);
+    if (manifest_exists(dir)) throw std::runtime_error(dir + " already holds a backup chain");
   }
   session.clean_leftovers();
+  // A full backup killed in an earlier run left its bitmap behind.
+  if (auto stale = read_pending(dir); !incremental && stale) {
+    if (node.find(*stale)) {
+      session.remove_bitmap(*stale);
+      std::cerr << "fleece-backup: removed bitmap " << *stale
+                << " of a full backup that did not finish\n";
+    }
+  }
   if (incremental) {
     // A run killed before it could reclaim leaves the active bitmap frozen.
     if (auto merged = session.reclaim_stale(m.active_bitmap, "fleece-backup." + m.chain + ".")) {
@@ -385,6 +415,19 @@ int cmd_backup(const Args& a, bool incremental) {
       m.save(dir);
     }
     session.require_active(m.active_bitmap, m.chunk_size);
+    const std::string prefix = "fleece-backup." + m.chain + ".";
+    for (const BitmapState& b : session.inspect().bitmaps) {
+      if (b.name.rfind(prefix, 0) != 0 || b.name == m.active_bitmap) continue;
+      // Names stay unique even if a killed run could not count its bitmap.
+      const unsigned long serial = std::strtoul(b.name.c_str() + prefix.size(), nullptr, 10);
+      if (serial >= m.next_serial) m.next_serial = static_cast<unsigned>(serial + 1);
+      if (!b.recording) {
+        // Frozen by a run that saved its backup but was killed before removing it.
+        session.remove_bitmap(b.name);
+        std::cerr << "fleece-backup: removed bitmap " << b.name << ", already covered by backup "
+                  << m.backups.size() - 1 << '\n';
+      }
+    }
   }
 
   const unsigned index = static_cast<unsigned>(m.backups.size());
@@ -417,9 +460,13 @@ int cmd_backup(const Args& a, bool incremental) {
   PullResult r;
   uint64_t bitmap_count = 0;
   try {
+    // Written before the transaction: a run killed from here on leaves names
+    // the next run can repair from.
+    ++m.next_serial;
+    if (incremental) m.save(dir);
+    write_pending(dir, new_bitmap);
     session.create(new_bitmap, frozen, m.granularity, !a.flag("no-persistent"));
     bitmap_created = true;
-    ++m.next_serial;
     e.cut = iso_time_now();
     const std::string fleece_uri = uri_with_export(nbd_uri, session.export_name());
     if (incremental) {
@@ -489,6 +536,7 @@ int cmd_backup(const Args& a, bool incremental) {
     if (!teardown_error.empty() && teardown_error != failure) {
       std::cerr << "fleece-backup: teardown: " << teardown_error << '\n';
     }
+    clear_pending(dir);
     return failure == "interrupted" ? kExitInterrupted : kExitError;
   }
 
@@ -504,6 +552,7 @@ int cmd_backup(const Args& a, bool incremental) {
   m.active_bitmap = new_bitmap;
   m.backups.push_back(e);
   m.save(dir);
+  clear_pending(dir);
   if (incremental) {
     session.remove_bitmap(frozen);
   } else if (!old_active.empty()) {

@@ -63,7 +63,18 @@ RawTarget::~RawTarget() {
   if (fd_ >= 0) ::close(fd_);
 }
 
+// Every 64 MiB written, start the disk writes in the background (see
+// Qcow2Writer::start_writeback): sync() then has little left to wait for.
+void RawTarget::written(uint64_t bytes) {
+  constexpr uint64_t kStep = 64ull << 20;
+  const uint64_t before = unsynced_.fetch_add(bytes, std::memory_order_relaxed);
+  if (before + bytes < kStep) return;
+  unsynced_.store(0, std::memory_order_relaxed);
+  (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
+}
+
 void RawTarget::write(uint64_t offset, const void* data, size_t length) {
+  written(length);
   const char* p = static_cast<const char*>(data);
   while (length) {
     const ssize_t n = ::pwrite(fd_, p, length, static_cast<off_t>(offset));

@@ -2,6 +2,7 @@
 // Targets of a pull: a raw file or block device, a new qcow2 image, nothing.
 #pragma once
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -26,9 +27,12 @@ class RawTarget final : public Target {
   static uint64_t size_of(const std::string& path, bool* exists);
 
  private:
+  void written(uint64_t bytes);
+
   std::string path_;
   int fd_ = -1;
   bool block_device_ = false;
+  std::atomic<uint64_t> unsynced_{0};
 };
 
 class NullTarget final : public Target {
