@@ -498,7 +498,12 @@ int cmd_backup(const Args& a, bool incremental) {
     Progress progress(c.progress, e.kind + " " + std::to_string(index));
     const auto p0 = std::chrono::steady_clock::now();
     r = puller.run(target, &sums, &progress, &g_interrupted);
+    const auto f0 = std::chrono::steady_clock::now();
     e.file_size = writer->finish();
+    if (std::getenv("FLEECE_BACKUP_TRACE")) {
+      std::fprintf(stderr, "trace: image finish %.3f s\n",
+                   std::chrono::duration<double>(std::chrono::steady_clock::now() - f0).count());
+    }
     e.pull_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - p0).count();
     writer.reset();
   } catch (const Cancelled&) {

@@ -6,6 +6,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -341,7 +343,9 @@ PullResult Puller::run(Target& target, std::vector<Digest>* digests, Progress* p
   if (chunk && digests && digests->size() != (d.info.size + chunk - 1) / chunk) {
     throw std::invalid_argument("digest table does not match the disk size");
   }
+  const auto t_map = std::chrono::steady_clock::now();
   std::vector<Range> tasks_in = d.map(result, cancel);
+  const auto t_mapped = std::chrono::steady_clock::now();
   // Split data ranges into requests.
   std::vector<Range> tasks;
   uint64_t total = 0;
@@ -402,13 +406,18 @@ PullResult Puller::run(Target& target, std::vector<Digest>* digests, Progress* p
             throw std::runtime_error(nbd_message("read request"));
           }
         }
-        bool any_busy = false;
-        for (const Slot& s : slots) any_busy = any_busy || s.busy;
+        bool any_busy = false, any_done = false;
+        for (const Slot& s : slots) {
+          any_busy = any_busy || s.busy;
+          any_done = any_done || (s.busy && s.done);
+        }
         if (!any_busy) {
           if (stop || shared.next.load() >= tasks.size()) break;
           continue;
         }
-        if (nbd_poll(h, 500) == -1) throw std::runtime_error(nbd_message("poll"));
+        // Replies can complete while requests are issued: only wait when
+        // nothing is ready.
+        if (!any_done && nbd_poll(h, 500) == -1) throw std::runtime_error(nbd_message("poll"));
         for (Slot& s : slots) {
           if (!s.busy || !s.done) continue;
           s.busy = false;
@@ -437,6 +446,14 @@ PullResult Puller::run(Target& target, std::vector<Digest>* digests, Progress* p
   for (unsigned i = 1; i < n; ++i) threads.emplace_back(worker, d.handles[i].get());
   worker(d.handles[0].get());
   for (auto& t : threads) t.join();
+  if (std::getenv("FLEECE_BACKUP_TRACE")) {
+    const auto now = std::chrono::steady_clock::now();
+    std::fprintf(
+        stderr,
+        "trace: map %.3f s (%zu ranges), connect+copy %.3f s (%zu requests, %u connections)\n",
+        std::chrono::duration<double>(t_mapped - t_map).count(), tasks_in.size(),
+        std::chrono::duration<double>(now - t_mapped).count(), tasks.size(), n);
+  }
   if (progress) progress->finish();
   for (auto& h : d.handles) nbd_shutdown(h.get(), 0);
   if (shared.failed) {
