@@ -48,7 +48,7 @@ stage_tsan() {
   # suites that drive many connections at once.
   cmake --preset tsan >/dev/null &&
     cmake --build --preset tsan &&
-    ctest --preset tsan -R 'Negotiation|Transmission|Connection|ExportRegistry|CbwTest|DirtyBitmap|PersistentBitmap|IoGate|interop/(nbdcopy|raw-malformed|python-commands|fleece-consistency|fleece-random|bitmap-crash|tls-psk)'
+    ctest --preset tsan -R 'Negotiation|Transmission|Connection|ExportRegistry|CbwTest|DirtyBitmap|PersistentBitmap|IoGate|Qcow2Writer|interop/(nbdcopy|raw-malformed|python-commands|fleece-consistency|fleece-random|bitmap-crash|tls-psk|backup-cycle|backup-interrupted)'
 }
 
 stage_fuzz() {
