@@ -134,13 +134,14 @@ def main():
             d = os.path.join(target_dir, f"backups-{r}")
             copy = os.path.join(target_dir, "nbdcopy.raw")
             timing = os.path.join(tmp, "nbdcopy.time")
+            # The copy is deleted inside the hook: fleece-backup then pulls
+            # with the same free memory nbdcopy had.
             hook = (f'rm -f {copy}; s=$(date +%s.%N); nbdcopy --flush "$FLEECE_URI" {copy} && '
-                    f'e=$(date +%s.%N) && echo "$s $e" > {timing}')
+                    f'e=$(date +%s.%N) && echo "$s $e" > {timing} && rm -f {copy}')
             full = run_json([backup, "full", d, "--node", "disk0", "--exec-at-cut", hook,
                              "--json", "--progress", "none"] + args.backup_args.split(), env)
             s, e = map(float, open(timing).read().split())
             nbdcopy_secs = e - s
-            os.unlink(copy)
             changed = change(live, args.percent, 1000 + r)
             count_file = os.path.join(tmp, "count")
             hook2 = f'echo "$FLEECE_BITMAP_COUNT" > {count_file}'

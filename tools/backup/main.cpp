@@ -71,7 +71,8 @@ Options:
                         ($FLEECE_URI, $FLEECE_INDEX, and for incrementals $FLEECE_BITMAP and
                         $FLEECE_BITMAP_COUNT set); a failure fails the backup. The control
                         socket is busy meanwhile (it serves one client).
-  --connections N       NBD connections when the export allows multi-conn (default 4)
+  --connections N       NBD connections when the export allows multi-conn
+                        (default 4, or the number of CPUs if fewer)
   --requests N          requests in flight per connection (default 16)
   --request-size BYTES  bytes per read (default 1M; at least the chunk size for full/incremental)
   --progress MODE       bar (default on a terminal), json (lines on stdout), none

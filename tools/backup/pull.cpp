@@ -107,7 +107,13 @@ std::vector<Range> detail::align_to_chunks(const std::vector<Range>& in, uint64_
 }
 
 Digest digest_of(const void* data, size_t length) {
-  const XXH128_hash_t h = XXH3_128bits(data, length);
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  XXH128_hash_t h;
+  if (avx2) {
+    detail::xxh3_128_avx2(data, length, &h.high64, &h.low64);
+  } else {
+    h = XXH3_128bits(data, length);
+  }
   Digest d;
   for (int i = 0; i < 8; ++i) {
     d[static_cast<size_t>(i)] = static_cast<unsigned char>(h.high64 >> (56 - 8 * i));
@@ -130,6 +136,11 @@ std::string disk_digest(const std::vector<Digest>& chunks) {
     s += hex[c & 15];
   }
   return s;
+}
+
+unsigned default_connections() {
+  const unsigned cpus = std::thread::hardware_concurrency();
+  return std::clamp(cpus, 1u, 4u);
 }
 
 std::string Source::description() const {

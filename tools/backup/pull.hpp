@@ -41,12 +41,17 @@ struct Source {
   std::string description() const;
 };
 
+unsigned default_connections();
+
 struct PullOptions {
   // Empty: a full pull (every byte that is not known zero). Otherwise only
   // the extents dirty in this meta context (e.g. "qemu:dirty-bitmap:b0").
   std::string bitmap_context;
-  unsigned connections = 4;  // used only when the export offers multi-conn
-  unsigned requests = 16;    // in flight per connection
+  // Used only when the export offers multi-conn. Default: 4, but no more
+  // than the CPUs (every connection is a thread that copies into one file;
+  // more threads than CPUs only wait on each other).
+  unsigned connections = default_connections();
+  unsigned requests = 16;  // in flight per connection
   uint32_t request_size = 1u << 20;
   // > 0: chunk-aligned pulls and per-chunk digests (digests[] must then
   // hold size/chunk entries rounded up; chunks the pull writes are updated).
@@ -109,6 +114,8 @@ struct Range {
 // Chunk mode: data and zero ranges grow to whole chunks (the last one ends at
 // size); a chunk with any data in it is data. Input and output sorted, disjoint.
 std::vector<Range> align_to_chunks(const std::vector<Range>& in, uint64_t chunk, uint64_t size);
+// XXH3-128 built for AVX2 (xxh3_avx2.cpp); call only when the CPU has it.
+void xxh3_128_avx2(const void* data, size_t length, uint64_t* high, uint64_t* low);
 }  // namespace detail
 
 // Inserts an export name into an NBD URI that has none (or replaces its
