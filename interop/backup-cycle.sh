@@ -25,24 +25,14 @@ source "$(dirname "$0")/functions.sh"
 requires nbdcopy nbdinfo qemu-img qemu-io qemu-nbd jq cmp
 requires_python_nbd
 _require_fleeced_binary
-: "${FLEECECTL:=$(dirname "$FLEECED")/fleecectl}"
-: "${FLEECE_BACKUP:=$(dirname "$FLEECED")/fleece-backup}"
-[ -x "$FLEECECTL" ] || skip "FLEECECTL=$FLEECECTL is not executable"
-[ -x "$FLEECE_BACKUP" ] || skip "FLEECE_BACKUP=$FLEECE_BACKUP is not executable"
+requires_backup_tools
 
 size=$((128 * 1048576))
-qmp=$tmpdir/qmp.sock
-sock=$tmpdir/nbd.sock
-img=$tmpdir/disk.img
-dir=$tmpdir/backups
-live=$(nbd_unix_uri disk0 "$sock")
-export FLEECED_QMP=$qmp FLEECED_NBD="nbd+unix:///?socket=$sock"
+backup_env
 
 make_random_image "$img" $size 4242
-start_fleeced --export "name=disk0,file=$img,writable=on" --listen "unix:$sock" \
-    --qmp "unix:$qmp" --log-level warn
+start_backup_fleeced
 
-ctl() { bounded 30 "$FLEECECTL" -s "$qmp" --timeout 20 "$@"; }
 backup() { bounded 120 "$FLEECE_BACKUP" "$@"; }
 mf() { jq -r "$1" "$dir/manifest.json"; }
 

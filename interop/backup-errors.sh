@@ -19,25 +19,15 @@
 source "$(dirname "$0")/functions.sh"
 requires qemu-img qemu-io qemu-nbd jq cmp psktool
 _require_fleeced_binary
-: "${FLEECECTL:=$(dirname "$FLEECED")/fleecectl}"
-: "${FLEECE_BACKUP:=$(dirname "$FLEECED")/fleece-backup}"
-[ -x "$FLEECECTL" ] || skip "FLEECECTL=$FLEECECTL is not executable"
-[ -x "$FLEECE_BACKUP" ] || skip "FLEECE_BACKUP=$FLEECE_BACKUP is not executable"
+requires_backup_tools
 
 size=$((64 * 1048576))
-qmp=$tmpdir/qmp.sock
-sock=$tmpdir/nbd.sock
-img=$tmpdir/disk.img
-dir=$tmpdir/backups
-live=$(nbd_unix_uri disk0 "$sock")
-export FLEECED_QMP=$qmp FLEECED_NBD="nbd+unix:///?socket=$sock"
+backup_env
 
 make_random_image "$img" $size 777
-start_fleeced --export "name=disk0,file=$img,writable=on" --listen "unix:$sock" \
-    --qmp "unix:$qmp" --log-level warn
+start_backup_fleeced
 main_pid=$fleeced_pid
 
-ctl() { bounded 30 "$FLEECECTL" -s "$qmp" --timeout 20 "$@"; }
 fb() { bounded 120 "$FLEECE_BACKUP" "$@"; }
 mf() { jq -r "$1" "$dir/manifest.json"; }
 

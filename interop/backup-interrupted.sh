@@ -25,24 +25,14 @@
 source "$(dirname "$0")/functions.sh"
 requires nbdcopy qemu-img qemu-io qemu-nbd jq cmp
 _require_fleeced_binary
-: "${FLEECECTL:=$(dirname "$FLEECED")/fleecectl}"
-: "${FLEECE_BACKUP:=$(dirname "$FLEECED")/fleece-backup}"
-[ -x "$FLEECECTL" ] || skip "FLEECECTL=$FLEECECTL is not executable"
-[ -x "$FLEECE_BACKUP" ] || skip "FLEECE_BACKUP=$FLEECE_BACKUP is not executable"
+requires_backup_tools
 
 size=$((256 * 1048576))
-qmp=$tmpdir/qmp.sock
-sock=$tmpdir/nbd.sock
-img=$tmpdir/disk.img
-dir=$tmpdir/backups
-live=$(nbd_unix_uri disk0 "$sock")
-export FLEECED_QMP=$qmp FLEECED_NBD="nbd+unix:///?socket=$sock"
+backup_env
 
 make_pattern_image "$img" $size 0:1M 7M:64k 100M:2M
-start_fleeced --export "name=disk0,file=$img,writable=on" --listen "unix:$sock" \
-    --qmp "unix:$qmp" --log-level warn
+start_backup_fleeced
 
-ctl() { bounded 30 "$FLEECECTL" -s "$qmp" --timeout 20 "$@"; }
 backup() { bounded 120 "$FLEECE_BACKUP" "$@"; }
 mf() { jq -r "$1" "$dir/manifest.json"; }
 qio() { bounded 60 qemu-io -f raw "$live" "$@" >/dev/null || fail "qemu-io $*"; }

@@ -18,10 +18,7 @@
 #      a bitmap the export does not publish fails (1).
 source "$(dirname "$0")/functions.sh"
 requires qemu-storage-daemon qemu-io qemu-img nbdinfo jq cmp
-: "${FLEECECTL:=$(dirname "${FLEECED:-.}")/fleecectl}"
-: "${FLEECE_BACKUP:=$(dirname "${FLEECED:-.}")/fleece-backup}"
-[ -x "$FLEECECTL" ] || skip "FLEECECTL=$FLEECECTL is not executable"
-[ -x "$FLEECE_BACKUP" ] || skip "FLEECE_BACKUP=$FLEECE_BACKUP is not executable"
+requires_backup_tools
 
 size=$((96 * 1048576))
 img=$tmpdir/disk.img

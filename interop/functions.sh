@@ -390,3 +390,34 @@ make_cert() {
         fail "certtool: $role certificate"
     cp "$ca/ca-cert.pem" "$out/ca-cert.pem"
 }
+
+# ------------------------------------------------------- fleece-backup tests
+
+# requires_backup_tools: FLEECECTL and FLEECE_BACKUP (set by ctest; by hand
+# they default to siblings of FLEECED), skipping when they are missing.
+requires_backup_tools() {
+    : "${FLEECECTL:=$(dirname "${FLEECED:-.}")/fleecectl}"
+    : "${FLEECE_BACKUP:=$(dirname "${FLEECED:-.}")/fleece-backup}"
+    [ -x "$FLEECECTL" ] || skip "FLEECECTL=$FLEECECTL is not executable"
+    [ -x "$FLEECE_BACKUP" ] || skip "FLEECE_BACKUP=$FLEECE_BACKUP is not executable"
+}
+
+# backup_env: the names every fleece-backup test against fleeced uses
+# ($qmp, $sock, $img, $dir, $live), the environment fleece-backup reads, and
+# ctl ARGS... (fleecectl on $qmp, bounded).
+backup_env() {
+    qmp=$tmpdir/qmp.sock
+    sock=$tmpdir/nbd.sock
+    img=$tmpdir/disk.img
+    dir=$tmpdir/backups
+    live=$(nbd_unix_uri disk0 "$sock")
+    export FLEECED_QMP=$qmp FLEECED_NBD="nbd+unix:///?socket=$sock"
+    ctl() { bounded 30 "$FLEECECTL" -s "$qmp" --timeout 20 "$@"; }
+}
+
+# start_backup_fleeced: fleeced serving $img as disk0 (writable) on $sock,
+# with its control socket on $qmp.
+start_backup_fleeced() {
+    start_fleeced --export "name=disk0,file=$img,writable=on" --listen "unix:$sock" \
+        --qmp "unix:$qmp" --log-level warn
+}
