@@ -421,3 +421,16 @@ start_backup_fleeced() {
     start_fleeced --export "name=disk0,file=$img,writable=on" --listen "unix:$sock" \
         --qmp "unix:$qmp" --log-level warn
 }
+
+# expect_no_fleece WHAT: the server holds only the command-line export disk0
+# and its two nodes, no block job. Leaves query-named-block-nodes in
+# $tmpdir/q.json for the caller's bitmap checks.
+expect_no_fleece() {
+    ctl --json exports >"$tmpdir/q.json"
+    expect_eq "$(jq -c '[.return[].id]' "$tmpdir/q.json")" '["disk0"]' "exports after $1"
+    ctl --json jobs >"$tmpdir/q.json"
+    expect_eq "$(jq -c '.return' "$tmpdir/q.json")" '[]' "block jobs after $1"
+    ctl --json nodes >"$tmpdir/q.json"
+    expect_eq "$(jq -c '[.return[]."node-name"] | sort' "$tmpdir/q.json")" '["disk0","disk0-file"]' \
+        "block nodes after $1"
+}

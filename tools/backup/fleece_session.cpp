@@ -219,58 +219,39 @@ void FleeceSession::create(const std::string& new_bitmap, const std::string& fro
 
 std::string FleeceSession::teardown() {
   std::string first;
-  auto note = [&first](const std::string& e) {
-    if (first.empty()) first = e;
+  // Each step runs if its object exists; a failure is noted and the next
+  // step still runs.
+  auto step = [&first](bool& have, auto&& undo) {
+    if (!have) return;
+    try {
+      undo();
+      have = false;
+    } catch (const std::exception& e) {
+      if (first.empty()) first = e.what();
+    }
   };
-  try {
-    if (have_export_) {
-      // The server may not have seen our connections close yet: retry, then force.
-      bool done = false;
-      for (int i = 0; i < 50 && !done; ++i) {
-        try {
-          qmp_.execute("block-export-del", {{"id", export_}});
-          done = true;
-        } catch (const QmpError& e) {
-          if (e.desc().find("in use") == std::string::npos) throw;
-          std::this_thread::sleep_for(std::chrono::milliseconds(20));
-        }
+  step(have_export_, [this] {
+    // The server may not have seen our connections close yet: retry, then force.
+    bool done = false;
+    for (int i = 0; i < 50 && !done; ++i) {
+      try {
+        qmp_.execute("block-export-del", {{"id", export_}});
+        done = true;
+      } catch (const QmpError& e) {
+        if (e.desc().find("in use") == std::string::npos) throw;
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
-      if (!done) qmp_.execute("block-export-del", {{"id", export_}, {"mode", "hard"}});
-      qmp_.wait_event("BLOCK_EXPORT_DELETED", {{"id", export_}}, kEventWait);
-      have_export_ = false;
     }
-  } catch (const std::exception& e) {
-    note(e.what());
-  }
-  try {
-    if (have_access_) {
-      qmp_.execute("blockdev-del", {{"node-name", access_}});
-      have_access_ = false;
-    }
-  } catch (const std::exception& e) {
-    note(e.what());
-  }
-  try {
-    if (have_job_) {
-      qmp_.execute("block-job-cancel", {{"device", job_}});
-      qmp_.wait_event("BLOCK_JOB_CANCELLED", {{"device", job_}}, kEventWait);
-      have_job_ = false;
-    }
-  } catch (const std::exception& e) {
-    note(e.what());
-  }
-  try {
-    if (have_tmp_) {
-      qmp_.execute("blockdev-del", {{"node-name", tmp_}});
-      have_tmp_ = false;
-    }
-  } catch (const std::exception& e) {
-    note(e.what());
-  }
-  if (have_scratch_) {
-    ::unlink(scratch_path_.c_str());
-    have_scratch_ = false;
-  }
+    if (!done) qmp_.execute("block-export-del", {{"id", export_}, {"mode", "hard"}});
+    qmp_.wait_event("BLOCK_EXPORT_DELETED", {{"id", export_}}, kEventWait);
+  });
+  step(have_access_, [this] { qmp_.execute("blockdev-del", {{"node-name", access_}}); });
+  step(have_job_, [this] {
+    qmp_.execute("block-job-cancel", {{"device", job_}});
+    qmp_.wait_event("BLOCK_JOB_CANCELLED", {{"device", job_}}, kEventWait);
+  });
+  step(have_tmp_, [this] { qmp_.execute("blockdev-del", {{"node-name", tmp_}}); });
+  step(have_scratch_, [this] { ::unlink(scratch_path_.c_str()); });
   return first;
 }
 
