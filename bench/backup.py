@@ -17,7 +17,7 @@ ratio, bytes pulled + zeroed vs dirty bytes (must be equal) vs the bitmap
 count, and fleece-backup's full pull rate / nbdcopy's rate on the same fleece.
 
   bench/backup.py [--quick] [--rounds N] [--size BYTES] [--percent P]
-Environment: FLEECED, FLEECE_BACKUP (default build/release/...).
+Environment: FLEECED, FLEECE_BACKUP, FLEECECTL (default build/release/...).
 Targets (issue 6): incremental of 1 % < 5 % of a full backup's time; bytes
 pulled == dirty bytes; fleece-backup's full pull rate >= 0.9x nbdcopy's.
 """
@@ -84,6 +84,32 @@ def change(uri, percent, seed):
     return n * gran
 
 
+def settle():
+    """Lets the disk finish what earlier steps left (writeback, discards)."""
+    os.sync()
+    time.sleep(2)
+
+
+def bitmaps(fleecectl, env):
+    out = subprocess.run([fleecectl, "--json", "bitmaps", "disk0"], env=env, check=True,
+                         stdout=subprocess.PIPE, text=True, timeout=60).stdout
+    return [b["name"] for b in bitmap_list(json.loads(out))]
+
+
+def bitmap_list(doc):
+    """The bitmaps in fleecectl's --json answer (a QMP return value)."""
+    ret = doc.get("return", doc) if isinstance(doc, dict) else doc
+    if isinstance(ret, dict):
+        ret = ret.get("dirty-bitmaps", [])
+    found = []
+    for item in ret:
+        if "dirty-bitmaps" in item:
+            found += item["dirty-bitmaps"]
+        elif "name" in item:
+            found.append(item)
+    return found
+
+
 def run_json(cmd, env):
     out = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          timeout=1800)
@@ -108,6 +134,7 @@ def main():
 
     fleeced = binary("FLEECED", "server/fleeced")
     backup = binary("FLEECE_BACKUP", "tools/fleece-backup")
+    fleecectl = binary("FLEECECTL", "tools/fleecectl")
     for tool in ("nbdcopy", "openssl"):
         if not shutil.which(tool):
             die(f"{tool} is missing")
@@ -134,13 +161,17 @@ def main():
             d = os.path.join(target_dir, f"backups-{r}")
             copy = os.path.join(target_dir, "nbdcopy.raw")
             timing = os.path.join(tmp, "nbdcopy.time")
-            # The copy is deleted inside the hook: fleece-backup then pulls
-            # with the same free memory nbdcopy had.
-            hook = (f'rm -f {copy}; s=$(date +%s.%N); nbdcopy --flush "$FLEECE_URI" {copy} && '
-                    f'e=$(date +%s.%N) && echo "$s $e" > {timing} && rm -f {copy}')
+            # The copy stays until the full backup is done: deleting 4 GiB
+            # (on a filesystem mounted with -o discard) would load the disk
+            # while fleece-backup pulls. `sync` before each copy starts both
+            # from a disk with nothing left to write.
+            hook = (f'sync; s=$(date +%s.%N); nbdcopy --flush "$FLEECE_URI" {copy} && '
+                    f'e=$(date +%s.%N) && echo "$s $e" > {timing} && sync')
             full = run_json([backup, "full", d, "--node", "disk0", "--exec-at-cut", hook,
                              "--json", "--progress", "none"] + args.backup_args.split(), env)
             s, e = map(float, open(timing).read().split())
+            os.unlink(copy)
+            settle()
             nbdcopy_secs = e - s
             changed = change(live, args.percent, 1000 + r)
             count_file = os.path.join(tmp, "count")
@@ -166,6 +197,12 @@ def main():
                   f"incremental {row['inc_seconds']:.3f} s, pulled {row['inc_pulled']} "
                   f"dirty {row['dirty_bytes']} count {count}", file=sys.stderr)
             shutil.rmtree(d)
+            # Each full backup leaves its chain's persistent bitmap on the
+            # node; the next round starts a new chain, so drop them all.
+            for name in bitmaps(fleecectl, env):
+                subprocess.run([fleecectl, "bitmap", "remove", "disk0", name], env=env, check=True,
+                               stdout=subprocess.DEVNULL, timeout=60)
+            settle()
     finally:
         server.send_signal(signal.SIGTERM)
         try:

@@ -277,19 +277,6 @@ void Qcow2Writer::write(uint64_t offset, const void* data, size_t len) {
   }
 }
 
-// Starts the disk writes of what was written so far, in the background, every
-// kWritebackStep bytes: finish()'s fdatasync then has little left to wait for,
-// and the page cache does not fill with a whole disk of dirty pages.
-void Qcow2Writer::start_writeback(uint64_t upto) {
-  constexpr uint64_t kWritebackStep = 64ull << 20;
-  uint64_t from = writeback_from_.load(std::memory_order_relaxed);
-  if (upto < from + kWritebackStep) return;
-  if (!writeback_from_.compare_exchange_strong(from, upto, std::memory_order_relaxed)) return;
-  // Advisory: an error here shows up again in finish()'s fdatasync.
-  (void)::sync_file_range(fd_, static_cast<off_t>(from), static_cast<off_t>(upto - from),
-                          SYNC_FILE_RANGE_WRITE);
-}
-
 void Qcow2Writer::write_data(uint64_t first_index, const unsigned char* data, size_t len) {
   const uint64_t count = div_round_up(len, cluster_size_);
   std::vector<bool> nonzero(count);
@@ -338,7 +325,7 @@ void Qcow2Writer::write_data(uint64_t first_index, const unsigned char* data, si
       }
     }
     data_bytes_.fetch_add(stored * cluster_size_, std::memory_order_relaxed);
-    start_writeback((host_index + stored) * cluster_size_);
+    window_.written(host_index * cluster_size_, stored * cluster_size_);
   }
   for (uint64_t i = 0; i < count; ++i) {
     uint64_t entry = kZero;

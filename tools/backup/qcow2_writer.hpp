@@ -14,6 +14,8 @@
 #include <utility>
 #include <vector>
 
+#include "backup/page_cache.hpp"
+
 namespace fleece::backup {
 
 struct Qcow2Options {
@@ -66,7 +68,6 @@ class Qcow2Writer {
   void claim(uint64_t first_index, uint64_t count);
   void release(uint64_t first_index, uint64_t count);
   void write_data(uint64_t first_index, const unsigned char* data, size_t len);
-  void start_writeback(uint64_t upto);
   void pwrite_all(const void* data, size_t len, uint64_t file_offset);
   [[noreturn]] void throw_io(int err, const char* what, uint64_t file_offset) const;
   uint64_t write_metadata();  // returns the file size
@@ -87,10 +88,10 @@ class Qcow2Writer {
   std::vector<std::atomic<uint64_t>> l2_;
   std::atomic<uint64_t> next_host_index_;  // next free host cluster for data
   std::atomic<uint64_t> data_bytes_{0};
-  std::atomic<uint64_t> writeback_from_{0};  // file offset up to which writeback was started
 
   // finish() thread only.
   int fd_;
+  PageCacheWindow window_{fd_};  // data writes go to disk behind a small window
   bool finished_ = false;
 };
 

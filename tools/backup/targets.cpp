@@ -53,6 +53,7 @@ RawTarget::RawTarget(const std::string& path, uint64_t size, bool create, bool f
   struct stat st {};
   if (::fstat(fd_, &st) != 0) fail("cannot stat", path);
   block_device_ = S_ISBLK(st.st_mode);
+  window_ = PageCacheWindow(fd_);
   if (!block_device_) {
     if (fresh && ::ftruncate(fd_, 0) != 0) fail("cannot truncate", path);
     if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("cannot resize", path);
@@ -63,18 +64,9 @@ RawTarget::~RawTarget() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-// Every 64 MiB written, start the disk writes in the background (see
-// Qcow2Writer::start_writeback): sync() then has little left to wait for.
-void RawTarget::written(uint64_t bytes) {
-  constexpr uint64_t kStep = 64ull << 20;
-  const uint64_t before = unsynced_.fetch_add(bytes, std::memory_order_relaxed);
-  if (before + bytes < kStep) return;
-  unsynced_.store(0, std::memory_order_relaxed);
-  (void)::sync_file_range(fd_, 0, 0, SYNC_FILE_RANGE_WRITE);
-}
-
 void RawTarget::write(uint64_t offset, const void* data, size_t length) {
-  written(length);
+  const uint64_t start = offset;
+  const size_t total = length;
   const char* p = static_cast<const char*>(data);
   while (length) {
     const ssize_t n = ::pwrite(fd_, p, length, static_cast<off_t>(offset));
@@ -84,6 +76,7 @@ void RawTarget::write(uint64_t offset, const void* data, size_t length) {
     offset += static_cast<uint64_t>(n);
     length -= static_cast<size_t>(n);
   }
+  window_.written(start, total);
 }
 
 void RawTarget::write_zeroes(uint64_t offset, uint64_t length) {

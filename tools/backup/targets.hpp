@@ -2,10 +2,10 @@
 // Targets of a pull: a raw file or block device, a new qcow2 image, nothing.
 #pragma once
 
-#include <atomic>
 #include <memory>
 #include <string>
 
+#include "backup/page_cache.hpp"
 #include "backup/pull.hpp"
 
 namespace fleece::backup {
@@ -27,12 +27,10 @@ class RawTarget final : public Target {
   static uint64_t size_of(const std::string& path, bool* exists);
 
  private:
-  void written(uint64_t bytes);
-
   std::string path_;
   int fd_ = -1;
   bool block_device_ = false;
-  std::atomic<uint64_t> unsynced_{0};
+  PageCacheWindow window_{-1};
 };
 
 class NullTarget final : public Target {
