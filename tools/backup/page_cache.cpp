@@ -16,10 +16,9 @@ void PageCacheWindow::written(uint64_t offset, uint64_t length) const {
   if (last_end <= lag_) return;
   const uint64_t old_from = from > lag_ ? from - lag_ : 0;
   const uint64_t old_to = last_end - lag_;
-  (void)::sync_file_range(fd_, static_cast<off_t>(old_from),
-                          static_cast<off_t>(old_to - old_from),
-                          SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
-                              SYNC_FILE_RANGE_WAIT_AFTER);
+  (void)::sync_file_range(
+      fd_, static_cast<off_t>(old_from), static_cast<off_t>(old_to - old_from),
+      SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
   (void)::posix_fadvise(fd_, static_cast<off_t>(old_from), static_cast<off_t>(old_to - old_from),
                         POSIX_FADV_DONTNEED);
 }
