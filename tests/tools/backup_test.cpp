@@ -1,8 +1,15 @@
 // SPDX-License-Identifier: MIT
 // fleece-backup's pure parts: chunk alignment of the pull plan, URIs,
-// digests, the manifest round trip and its validation.
+// digests, the manifest round trip and its validation; the page-cache window.
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -11,6 +18,7 @@
 
 #include "backup/manifest.hpp"
 #include "backup/pull.hpp"
+#include "backup/targets.hpp"
 
 namespace fleece::backup {
 namespace {
@@ -167,6 +175,66 @@ TEST_F(ManifestTest, SumsMustMatchTheDiskSize) {
   EXPECT_THROW(load_sums(dir_ + "/s", 15), std::runtime_error);
   EXPECT_THROW(load_sums(dir_ + "/s", 17), std::runtime_error);
   EXPECT_THROW(load_sums(dir_ + "/missing", 1), std::runtime_error);
+}
+
+// Pages of `path` in [offset, offset + length) that are in the page cache.
+size_t resident_pages(const std::string& path, uint64_t offset, uint64_t length) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return SIZE_MAX;
+  void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  ::close(fd);
+  if (map == MAP_FAILED) return SIZE_MAX;
+  const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> vec((length + page - 1) / page);
+  size_t n = SIZE_MAX;
+  if (::mincore(map, length, vec.data()) == 0) {
+    n = 0;
+    for (unsigned char v : vec) n += v & 1;
+  }
+  ::munmap(map, length);
+  return n;
+}
+
+// A raw target keeps only a window of the file in the page cache: what was
+// written 16 MiB or more before the last write has been written out and
+// dropped, the data reads back intact, and the last blocks are still cached.
+TEST(PageCacheWindow, RawTargetDropsWhatIsFarBehind) {
+  char tmpl[] = "/var/tmp/fleece-window.XXXXXX";
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  struct statfs fs {};
+  ASSERT_EQ(::statfs(dir.c_str(), &fs), 0);
+  if (fs.f_type == TMPFS_MAGIC) {
+    std::filesystem::remove_all(dir);
+    GTEST_SKIP() << "tmpfs keeps every page in memory";
+  }
+  const std::string path = dir + "/disk.raw";
+  constexpr uint64_t kSize = 48ull << 20, kPiece = 1ull << 20;
+  std::vector<unsigned char> piece(kPiece);
+  {
+    RawTarget t(path, kSize, true, true);
+    for (uint64_t o = 0; o < kSize; o += kPiece) {
+      for (size_t i = 0; i < piece.size(); i += 4096)
+        piece[i] = static_cast<unsigned char>(o >> 20);
+      piece[1] = 0xa5;
+      t.write(o, piece.data(), piece.size());
+    }
+    t.sync();
+  }
+  // Blocks ending at or before 48 - 16 MiB were dropped: none of the first
+  // 16 MiB is cached. The last 2 MiB were never asked to be dropped.
+  EXPECT_EQ(resident_pages(path, 0, 16ull << 20), 0u);
+  const size_t tail = resident_pages(path, kSize - (2ull << 20), 2ull << 20);
+  EXPECT_EQ(tail, (2ull << 20) / static_cast<size_t>(::sysconf(_SC_PAGESIZE)));
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> back(kPiece);
+  for (uint64_t o = 0; o < kSize; o += kPiece) {
+    ASSERT_TRUE(in.read(back.data(), static_cast<std::streamsize>(back.size())));
+    EXPECT_EQ(static_cast<unsigned char>(back[0]), o >> 20) << "at " << o;
+    EXPECT_EQ(static_cast<unsigned char>(back[1]), 0xa5) << "at " << o;
+    EXPECT_EQ(static_cast<unsigned char>(back[4096]), o >> 20) << "at " << o;
+  }
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
