@@ -161,17 +161,17 @@ def main():
             d = os.path.join(target_dir, f"backups-{r}")
             copy = os.path.join(target_dir, "nbdcopy.raw")
             timing = os.path.join(tmp, "nbdcopy.time")
-            # The copy stays until the full backup is done: deleting 4 GiB
-            # (on a filesystem mounted with -o discard) would load the disk
-            # while fleece-backup pulls. `sync` before each copy starts both
-            # from a disk with nothing left to write.
-            hook = (f'sync; s=$(date +%s.%N); nbdcopy --flush "$FLEECE_URI" {copy} && '
-                    f'e=$(date +%s.%N) && echo "$s $e" > {timing} && sync')
+            # Both copies start from the same state: nothing left to write,
+            # and the memory of the other tool's deleted file free. The copy
+            # is deleted and the disk settled (sync waits for the discards a
+            # filesystem mounted with -o discard issues) inside the hook, and
+            # the whole hook is taken out of the full backup's time.
+            hook = (f'h=$(date +%s.%N); sync; sleep 1; s=$(date +%s.%N); nbdcopy --flush "$FLEECE_URI" {copy} && '
+                    f'e=$(date +%s.%N) && rm -f {copy} && sync && sleep 2 && '
+                    f'echo "$h $s $e $(date +%s.%N)" > {timing}')
             full = run_json([backup, "full", d, "--node", "disk0", "--exec-at-cut", hook,
                              "--json", "--progress", "none"] + args.backup_args.split(), env)
-            s, e = map(float, open(timing).read().split())
-            os.unlink(copy)
-            settle()
+            hook_start, s, e, hook_end = map(float, open(timing).read().split())
             nbdcopy_secs = e - s
             changed = change(live, args.percent, 1000 + r)
             count_file = os.path.join(tmp, "count")
@@ -180,8 +180,8 @@ def main():
                             "--progress", "none"] + args.backup_args.split(), env)
             count = int(open(count_file).read())
             row = {
-                # the hook's nbdcopy runs inside the full backup: not its cost
-                "full_seconds": full["seconds"] - nbdcopy_secs,
+                # the hook runs inside the full backup: not its cost
+                "full_seconds": full["seconds"] - (hook_end - hook_start),
                 "full_pull_seconds": full["pull_seconds"],
                 "full_bytes": full["bytes_pulled"],
                 "full_rate": full["bytes_pulled"] / full["pull_seconds"],
