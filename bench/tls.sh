@@ -150,14 +150,25 @@ start_server() {
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null; }
 CLK_TCK=$(getconf CLK_TCK)
 
-measure() { # metric -> "VALUE WORK"
-    local t0 t1
+# Runs a command and prints its CPU time (user + system of it and its
+# children) in seconds on fd 3.
+client_cpu() {
+    "$PY" -c 'import resource, subprocess, sys
+rc = subprocess.call(sys.argv[1:], stdout=sys.stderr)
+u = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"{u.ru_utime + u.ru_stime:.4f}", file=open(3, "w", closefd=False))
+sys.exit(rc)' "$@"
+}
+
+measure() { # metric -> "VALUE WORK CLIENT_CPU_PER_UNIT"
+    local t0 t1 cc
     case $1 in
     seqread_*)
         t0=$EPOCHREALTIME
-        timeout $((120 + SIZE / 8388608)) nbdcopy "$URI" null: >>"$LOG" 2>&1 || return 1
+        cc=$(client_cpu timeout $((120 + SIZE / 8388608)) nbdcopy "$URI" null: 3>&1 2>>"$LOG") || return 1
         t1=$EPOCHREALTIME
-        awk -v b="$SIZE" -v a="$t0" -v c="$t1" 'BEGIN { printf "%.4f %.6f\n", b / (c - a) / 1073741824, b / 1073741824 }' ;;
+        awk -v b="$SIZE" -v a="$t0" -v c="$t1" -v cc="$cc" \
+            'BEGIN { g = b / 1073741824; printf "%.4f %.6f %.1f\n", g / (c - a), g, cc * 1e3 / g }' ;;
     randread_qd32_*)
         timeout $((SECS + 60)) "$RAND" "$URI" "$SECS" 32 4096 2>>"$LOG" ;;
     esac
@@ -173,10 +184,10 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for m in "${SEL[@]}"; do
         for ((k = 0; k < n; k++)); do
             s=${SERVERS[$(((k + r - 1) % n))]}
-            val=nan cpu=nan work=""
+            val=nan cpu=nan work="" ccpu=nan
             if start_server "$s" "${m##*_}"; then
                 c0=$(cpu_ticks "$SRV_PID")
-                if out=$(measure "$m"); then read -r val work <<<"$out"; fi
+                if out=$(measure "$m"); then read -r val work ccpu <<<"$out"; fi
                 c1=$(cpu_ticks "$SRV_PID")
                 if [[ $val != nan && -n $work && -n $c0 && -n $c1 ]]; then
                     cpu=$(awk -v a="$c0" -v b="$c1" -v t="$CLK_TCK" -v w="$work" -v u="${UNIT[$m]}" \
@@ -186,23 +197,26 @@ for ((r = 1; r <= ROUNDS; r++)); do
             else
                 warn "$s did not start for $m"
             fi
-            printf '%s\t%s\t%s\t%s\t%s\n' "$m" "$s" "$r" "${val:-nan}" "$cpu" >>"$RUN/samples.tsv"
+            printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$m" "$s" "$r" "${val:-nan}" "$cpu" "${ccpu:-nan}" >>"$RUN/samples.tsv"
             printf 'bench: [round %d/%d] %-20s %-9s %12s %-6s server CPU %s %s\n' "$r" "$ROUNDS" "$m" "$s" \
                 "$val" "${UNIT[$m]}" "$cpu" "$([[ ${UNIT[$m]} == GiB/s ]] && echo ms/GiB || echo us/IO)" >&2
         done
     done
 done
 
-"$PY" - "$RUN/samples.tsv" "$OUT_JSON" "$(cut -d' ' -f1-3 /proc/loadavg)" "$load1" <<'PY'
+"$PY" - "$RUN/samples.tsv" "$OUT_JSON" "$(cut -d' ' -f1-3 /proc/loadavg)" "$load1" "$(nproc)" <<'PY'
 import json, statistics, sys
-samples, out, load_end, load_start = sys.argv[1:5]
-vals, cpus = {}, {}
+samples, out, load_end, load_start, ncpu = sys.argv[1:6]
+ncpu = int(ncpu)
+vals, cpus, ccpus = {}, {}, {}
 for line in open(samples):
-    m, s, r, v, c = line.rstrip("\n").split("\t")
+    m, s, r, v, c, cc = line.rstrip("\n").split("\t")
     if v != "nan":
         vals.setdefault((m, s), []).append(float(v))
     if c != "nan":
         cpus.setdefault((m, s), []).append(float(c))
+    if cc != "nan":
+        ccpus.setdefault((m, s), []).append(float(cc))
 med = lambda d, k: statistics.median(d[k]) if k in d else None
 rows = []
 for m in dict.fromkeys(k[0] for k in list(vals) + list(cpus)):
@@ -214,6 +228,7 @@ for m in dict.fromkeys(k[0] for k in list(vals) + list(cpus)):
                  "fleeced_vs_qemu_nbd": f / q if f and q else None,
                  "fleeced_tls_vs_plain": f / plain if f and plain and kind != "plain" else None,
                  "cpu_fleeced": med(cpus, (m, "fleeced")), "cpu_qemu_nbd": med(cpus, (m, "qemu-nbd")),
+                 "client_cpu_fleeced": med(ccpus, (m, "fleeced")),
                  "samples": {s: vals.get((m, s), []) for s in ("fleeced", "qemu-nbd")}})
 fmt = lambda x, p=3: "n/a" if x is None else (f"{x:.{p}f}" if x < 1000 else f"{x:.0f}")
 print()
@@ -227,7 +242,31 @@ print(f"{'server CPU':22} {'unit':6} {'fleeced':>10} {'qemu-nbd':>10}")
 for r in rows:
     unit = "ms/GiB" if r["unit"] == "GiB/s" else "us/IO"
     print(f"{r['metric']:22} {unit:6} {fmt(r['cpu_fleeced'], 2):>10} {fmt(r['cpu_qemu_nbd'], 2):>10}")
-json.dump({"rows": rows, "loadavg_start": load_start, "loadavg_end": load_end},
-          open(out, "w"), indent=1)
+# Client and server share the machine's CPUs: a copy of a GiB cannot take
+# less than (client CPU + server CPU) / CPUs seconds. With the TLS client's
+# measured cost and a server that spends on TLS no more than on plaintext
+# (plaintext cost + nothing for encryption), this is the best TLS/plain any
+# server could reach here.
+bounds = {}
+plain = next((r for r in rows if r["metric"] == "seqread_plain"), None)
+if plain and plain["fleeced"] and plain["cpu_fleeced"] and plain["client_cpu_fleeced"]:
+    print()
+    print(f"seqread CPU budget ({ncpu} CPUs shared by nbdcopy and the server), ms/GiB:")
+    print(f"{'':22} {'client':>8} {'server':>8} {'sum':>8} {'max GiB/s':>10} {'TLS/plain bound':>16}")
+    for r in rows:
+        if not r["metric"].startswith("seqread") or r["client_cpu_fleeced"] is None:
+            continue
+        c, sv = r["client_cpu_fleeced"], r["cpu_fleeced"] or 0
+        cap = ncpu * 1e3 / (c + sv)
+        line = f"{r['metric']:22} {c:8.0f} {sv:8.0f} {c + sv:8.0f} {cap:10.2f}"
+        if r is not plain:
+            # the best case: server TLS cost = its plaintext cost
+            best = ncpu * 1e3 / (c + plain["cpu_fleeced"]) / plain["fleeced"]
+            bounds[r["metric"]] = best
+            line += f" {best:15.2f}x"
+        print(line)
+    print("  (bound: this client's cost plus fleeced's plaintext server cost, i.e. encryption for free)")
+json.dump({"rows": rows, "tls_over_plain_bound": bounds, "loadavg_start": load_start,
+           "loadavg_end": load_end}, open(out, "w"), indent=1)
 print(f"\nbench: wrote {out} (load average at start {load_start}, at end {load_end})")
 PY
