@@ -118,6 +118,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<void> async_writer();
   void wake();
   asio::awaitable<void> async_wait_wake();
+  // Waits while the replies waiting to be sent hold a lot of read data.
+  asio::awaitable<void> async_wait_queue_room();
   void fail(std::string_view reason);
 
   asio::any_io_executor executor_;
@@ -155,7 +157,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
   ExportPtr claimed_;  // counted in its state->clients (GO/EXPORT_NAME chosen)
   uint32_t in_flight_ = 0;
   uint64_t in_flight_bytes_ = 0;
+  uint64_t queued_data_bytes_ = 0;  // read data in replies not yet sent
   asio::steady_timer wake_timer_;
+  asio::steady_timer drained_timer_;  // cancelled when the writer has sent a batch
 };
 
 }  // namespace fleeced::server

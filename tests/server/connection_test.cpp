@@ -1375,6 +1375,58 @@ TEST_F(Transmission, PipelinedRequestsAllAnswered) {
   }
 }
 
+// A burst of large page-cache reads holds more read data than the server
+// lets wait in its send queue (1 MiB): the reads wait for the writer, and
+// every reply still arrives, with the right data, even when the client only
+// starts reading replies after the socket has filled up.
+TEST_F(Transmission, LargeReadBurstIsAnsweredInFull) {
+  RawClient& c = open().c();
+  const Bytes disk = test::pattern(1u << 20, 7);
+  write(c, 0, disk);
+  constexpr uint32_t kLen = 256u << 10;
+  constexpr int kReads = 24;  // 6 MiB of replies
+  std::map<uint64_t, uint64_t> offset_of;
+  for (int i = 0; i < kReads; ++i) {
+    p::RequestHeader h = request(p::Command::read, uint64_t(i % 4) * kLen, kLen);
+    c.send_request(h);
+    offset_of[h.cookie] = h.offset;
+  }
+  // A write after the burst is still read and answered.
+  p::RequestHeader w = request(p::Command::write, 1u << 20, 512);
+  c.send_request(w, test::pattern(512, 9));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  int reads = 0, writes = 0;
+  for (int n = 0; n < kReads + 1; ++n) {
+    p::SimpleReply r = c.read_simple_reply();
+    ASSERT_EQ(r.error, 0u);
+    if (r.cookie == w.cookie) {
+      ++writes;
+      continue;
+    }
+    auto it = offset_of.find(r.cookie);
+    ASSERT_NE(it, offset_of.end()) << "unknown or repeated cookie " << r.cookie;
+    const Bytes got = c.read_exact(kLen);
+    ASSERT_TRUE(std::equal(got.begin(), got.end(), disk.begin() + static_cast<long>(it->second)))
+        << "data of the read at " << it->second;
+    offset_of.erase(it);
+    ++reads;
+  }
+  EXPECT_EQ(reads, kReads);
+  EXPECT_EQ(writes, 1);
+  EXPECT_EQ(read_simple(c, 1u << 20, 512), test::pattern(512, 9));
+}
+
+// Reads waiting for room in the send queue do not keep a closed connection
+// alive: close_now() ends it while the client reads nothing.
+TEST_F(Transmission, CloseNowWhileReadsWaitForTheWriter) {
+  Session& s = open();
+  RawClient& c = s.c();
+  for (int i = 0; i < 24; ++i) c.send_request(request(p::Command::read, 0, 256u << 10));
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  asio::post(io_, [conn = s.conn] { conn->close_now(); });
+  EXPECT_TRUE(s.done->wait(kTimeout));
+}
+
 TEST_F(Transmission, PipelinedBeyondRequestLimitThroughIoPool) {
   ConnectionLimits limits;
   limits.max_requests = 4;
