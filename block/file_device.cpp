@@ -242,6 +242,7 @@ std::shared_ptr<FileDevice> FileDevice::open(const FileOptions& options, std::er
   caps.can_extents = !dev->is_block_device_;
   caps.can_cache = true;
   caps.can_multi_conn = true;
+  caps.serial_writes = options.writable && !options.direct && !dev->is_block_device_;
   return dev;
 }
 

@@ -71,7 +71,13 @@ class CopyBeforeWrite final : public block::Device,
 
   // Live side (block::Device): forwards to the source after copying.
   uint64_t size() const override { return size_; }
-  block::Capabilities capabilities() const override { return source_->capabilities(); }
+  // The source's, but a write here may first read old data from storage: many
+  // of those may run at once.
+  block::Capabilities capabilities() const override {
+    block::Capabilities c = source_->capabilities();
+    c.serial_writes = false;
+    return c;
+  }
   std::error_code read(uint64_t offset, std::span<std::byte> out) override;
   std::error_code try_read(uint64_t offset, std::span<std::byte> out) override;
   std::error_code write(uint64_t offset, std::span<const std::byte> data, bool fua) override;

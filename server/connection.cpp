@@ -489,7 +489,13 @@ asio::awaitable<void> Connection::async_do_write(const p::RequestHeader& h, Buff
       std::error_code e = dev->write(off, buf.span(), fua);
       return Result{e, std::move(buf)};
     };
-    Result res = co_await async_offload(*context_.io_pool, std::move(job));
+    Result res;
+    if (dev->capabilities().serial_writes) {
+      auto& strand = export_->state->write_strand(*context_.io_pool);
+      res = co_await async_offload_on(strand, std::move(job));
+    } else {
+      res = co_await async_offload(*context_.io_pool, std::move(job));
+    }
     ec = res.ec;
     payload = std::move(res.buf);
   }

@@ -197,6 +197,7 @@ TEST(FileDevice, ReportsSizeAndWritableCapabilities) {
   EXPECT_TRUE(caps.can_extents);
   EXPECT_TRUE(caps.can_cache);
   EXPECT_TRUE(caps.can_multi_conn);
+  EXPECT_TRUE(caps.serial_writes);  // buffered writes to one file share its inode lock
 }
 
 TEST(FileDevice, ReportsReadOnlyCapabilities) {
@@ -209,6 +210,19 @@ TEST(FileDevice, ReportsReadOnlyCapabilities) {
   EXPECT_FALSE(caps.can_zero);
   EXPECT_FALSE(caps.can_fast_zero);
   EXPECT_TRUE(caps.can_extents);
+  EXPECT_FALSE(caps.serial_writes);
+}
+
+// O_DIRECT writes to a file can run side by side: no serial_writes.
+TEST(FileDevice, DirectWritesAreNotSerial) {
+  TempDir dir;
+  bool skip = false;
+  auto dev = open_direct(make_file(dir, "disk", kMiB), &skip);
+  if (skip) {
+    GTEST_SKIP() << "O_DIRECT not supported here";
+  }
+  ASSERT_NE(dev, nullptr);
+  EXPECT_FALSE(dev->capabilities().serial_writes);
 }
 
 TEST(FileDevice, NoDiscardOptionDisablesTrim) {

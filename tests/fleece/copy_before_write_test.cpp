@@ -343,6 +343,41 @@ TEST_F(CbwTest, ReleasePunchesTheTargetAndEndsTheSnapshot) {
   EXPECT_FALSE(cbw->write(5 * kCluster, pattern(10, 3), false));
 }
 
+// A copy-before-write may read old data from storage before each write, so
+// it never asks for its writes to run one at a time, even over a source
+// that would.
+TEST_F(CbwTest, WritesAreNotSerialEvenOverASerialSource) {
+  struct SerialSource final : block::Device {
+    MemoryDevice inner{kSize};
+    uint64_t size() const override { return inner.size(); }
+    block::Capabilities capabilities() const override {
+      block::Capabilities c = inner.capabilities();
+      c.serial_writes = true;
+      return c;
+    }
+    std::error_code read(uint64_t o, std::span<std::byte> out) override {
+      return inner.read(o, out);
+    }
+    std::error_code write(uint64_t o, std::span<const std::byte> d, bool fua) override {
+      return inner.write(o, d, fua);
+    }
+    std::error_code write_zeroes(uint64_t o, uint64_t l, block::ZeroFlags f) override {
+      return inner.write_zeroes(o, l, f);
+    }
+    std::error_code discard(uint64_t o, uint64_t l, bool fua) override {
+      return inner.discard(o, l, fua);
+    }
+    std::error_code flush() override { return inner.flush(); }
+  };
+  auto serial = std::make_shared<SerialSource>();
+  ASSERT_TRUE(serial->capabilities().serial_writes);
+  std::error_code ec;
+  auto filter = CopyBeforeWrite::create(serial, target, {.cluster_size = kCluster}, ec);
+  ASSERT_TRUE(filter) << ec.message();
+  EXPECT_FALSE(filter->capabilities().serial_writes);
+  EXPECT_FALSE(filter->capabilities().read_only);
+}
+
 TEST_F(CbwTest, SnapshotRejectsWritesAndOutOfRange) {
   take();
   EXPECT_TRUE(snap->capabilities().read_only);

@@ -91,6 +91,10 @@ class Gate {
     std::unique_lock lock(mu_);
     return cv_.wait_for(lock, kTimeout, [&] { return entered_ >= n; });
   }
+  int entered() {
+    std::lock_guard lock(mu_);
+    return entered_;
+  }
 
  private:
   std::mutex mu_;
@@ -107,7 +111,11 @@ class PoolDevice final : public block::Device {
  public:
   explicit PoolDevice(uint64_t size) : inner_(std::make_shared<block::MemoryDevice>(size)) {}
   uint64_t size() const override { return inner_->size(); }
-  block::Capabilities capabilities() const override { return inner_->capabilities(); }
+  block::Capabilities capabilities() const override {
+    block::Capabilities c = inner_->capabilities();
+    c.serial_writes = serial;
+    return c;
+  }
   std::error_code read(uint64_t offset, std::span<std::byte> out) override {
     if (std::error_code ec = injected()) return ec;
     return inner_->read(offset, out);
@@ -132,7 +140,8 @@ class PoolDevice final : public block::Device {
   block::MemoryDevice& inner() { return *inner_; }
 
   Gate gate;
-  std::atomic<int> fail_errno{0};  // read, write and extents fail with it when set
+  std::atomic<int> fail_errno{0};   // read, write and extents fail with it when set
+  std::atomic<bool> serial{false};  // Capabilities::serial_writes
 
  private:
   std::error_code injected() const {
@@ -1633,6 +1642,40 @@ TEST_F(Transmission, DeviceErrorsBecomeNbdErrors) {
   slow_->fail_errno = 0;
   expect_alive(c);
   EXPECT_EQ(read_structured(c, 0, 4096).error, 0u);
+}
+
+// A device with serial_writes gets its writes one at a time, from every
+// connection of the export, although the pool has four threads (the
+// pipelined writes of CloseNowDropsInFlightReplies enter together).
+TEST_F(Transmission, SerialWritesRunOneAtATime) {
+  slow_->serial = true;
+  Session& a = open({.export_name = "slow"});
+  Session& b = open({.export_name = "slow"});
+  slow_->gate.close();
+  std::set<uint64_t> cookies_a, cookies_b;
+  for (int i = 0; i < 4; ++i) {
+    Session& s = i % 2 ? b : a;
+    p::RequestHeader h = request(p::Command::write, uint64_t(i) * 4096, 4096);
+    s.c().send_request(h, test::pattern(4096, uint8_t(40 + i)));
+    (i % 2 ? cookies_b : cookies_a).insert(h.cookie);
+  }
+  ASSERT_TRUE(slow_->gate.wait_entered(1));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(slow_->gate.entered(), 1) << "a second write ran beside the first";
+  slow_->gate.open();
+  for (int i = 0; i < 2; ++i) {
+    p::SimpleReply r = a.c().read_simple_reply();
+    EXPECT_EQ(r.error, 0u);
+    EXPECT_EQ(cookies_a.erase(r.cookie), 1u);
+    r = b.c().read_simple_reply();
+    EXPECT_EQ(r.error, 0u);
+    EXPECT_EQ(cookies_b.erase(r.cookie), 1u);
+  }
+  for (int i = 0; i < 4; ++i) {
+    Bytes got(4096);
+    ASSERT_FALSE(slow_->inner().read(uint64_t(i) * 4096, got));
+    EXPECT_EQ(got, test::pattern(4096, uint8_t(40 + i))) << "write " << i;
+  }
 }
 
 TEST_F(Transmission, CloseNowDropsInFlightReplies) {
