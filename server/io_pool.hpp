@@ -19,7 +19,7 @@ namespace fleeced::server {
 
 namespace asio = boost::asio;
 
-// Runs f() on `executor` (the pool's, or a strand on it) instead.
+// Runs f() on `executor`: the pool's, or a strand on it.
 template <typename Executor, typename F>
 auto async_offload_on(Executor executor, F f) {
   using R = std::invoke_result_t<F&>;

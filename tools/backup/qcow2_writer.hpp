@@ -89,9 +89,10 @@ class Qcow2Writer {
   std::atomic<uint64_t> next_host_index_;  // next free host cluster for data
   std::atomic<uint64_t> data_bytes_{0};
 
-  // finish() thread only.
+  // Set at construction, used by every writer.
   int fd_;
   PageCacheWindow window_{fd_};  // data writes go to disk behind a small window
+  // finish() thread only.
   bool finished_ = false;
 };
 
