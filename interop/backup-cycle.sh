@@ -157,13 +157,8 @@ done
 # ---- stop the writer; a last incremental must take exactly the active
 # bitmap's count and restore to the image file itself
 touch "$tmpdir/stop"
-st=0
-for ((i = 0; i < 100; i++)); do
-    kill -0 "$writer_pid" 2>/dev/null || break
-    sleep 0.1
-done
-wait "$writer_pid" || st=$?
-expect_eq "$st" 0 "writer exit status ($(cat "$tmpdir/writer.out"))"
+wait_exit "$writer_pid" 10 || fail "the writer did not stop within 10 s"
+expect_eq "$exit_status" 0 "writer exit status ($(cat "$tmpdir/writer.out"))"
 read -r wops wzeroes <"$tmpdir/writer.out"
 [ "$wops" -ge 20 ] || fail "the writer did only $wops writes"
 echo "writer: $wops requests, $wzeroes of them write-zeroes" >&2

@@ -137,14 +137,8 @@ wait "$tpid" || true
 kill -CONT "$fleeced_pid"
 grep -q '"event":"progress"' "$tmpdir/out.txt" ||
     fail "b2: no progress line while pulling: $(cat "$tmpdir/out.txt" "$tmpdir/err.txt")"
-st=0
-for ((i = 0; i < 600; i++)); do
-    kill -0 "$bpid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -0 "$bpid" 2>/dev/null && fail "b2: fleece-backup still runs 60 s after SIGINT"
-wait "$bpid" || st=$?
-expect_eq "$st" 130 "incremental interrupted while pulling: exit status"
+wait_exit "$bpid" 60 || fail "b2: fleece-backup still runs 60 s after SIGINT"
+expect_eq "$exit_status" 130 "incremental interrupted while pulling: exit status"
 first=$(head -n 1 "$tmpdir/out.txt")
 expect_eq "$(jq -r .event <<<"$first")" progress "b2: first progress line"
 [ "$(jq .bytes <<<"$first")" -lt "$(jq .total <<<"$first")" ] || fail "b2: pull done at the first line"

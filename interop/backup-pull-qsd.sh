@@ -92,8 +92,5 @@ grep -q "nope" "$tmpdir/err.txt" || fail "no mention of the bitmap: $(cat "$tmpd
 cmp "$tmpdir/copy.raw" "$img" >&2 || fail "a failed pull changed its target"
 
 ctl raw '{"execute":"quit"}' >/dev/null 2>&1 || true
-for ((i = 0; i < 50; i++)); do
-    kill -0 "$qsd_pid" 2>/dev/null || break
-    sleep 0.1
-done
+wait_exit "$qsd_pid" 5 || true
 echo "PASS: $test_name"

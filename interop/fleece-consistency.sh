@@ -143,14 +143,8 @@ cmp "$tmpdir/incr.img" "$tmpdir/pit.img" >&2 ||
 
 # ---- stop the writer, final checks, teardown (5.2 steps 5-8)
 touch "$tmpdir/writer.stop"
-st=0
-for ((i = 0; i < 300; i++)); do
-    kill -0 "$writer_pid" 2>/dev/null || break
-    sleep 0.1
-done
-kill -0 "$writer_pid" 2>/dev/null && fail "writer did not stop within 30 s"
-wait "$writer_pid" || st=$?
-expect_eq "$st" 0 "writer exit status (see above)"
+wait_exit "$writer_pid" 30 || fail "writer did not stop within 30 s"
+expect_eq "$exit_status" 0 "writer exit status (see above)"
 scratch_kib=$(alloc_kib "$scratch")
 echo "scratch file with the writer done: $scratch_kib KiB allocated"
 py final || problem "final checks and teardown (see above)"

@@ -145,6 +145,20 @@ bounded() {
     timeout --kill-after=5 "$secs" "$@"
 }
 
+# wait_exit PID SECONDS: waits up to SECONDS for PID (a child of this shell)
+# to exit, reaps it and sets exit_status; returns 1, without reaping, if it
+# still runs then.
+wait_exit() {
+    local pid=$1 tenths=$(($2 * 10)) i
+    for ((i = 0; i < tenths; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -0 "$pid" 2>/dev/null && return 1
+    exit_status=0
+    wait "$pid" || exit_status=$?
+}
+
 # kill_quiet PID...: SIGTERM to these PIDs, ignoring ones already gone
 # (for helper processes a test started itself; use with cleanup_fn)
 kill_quiet() {
