@@ -491,8 +491,8 @@ asio::awaitable<void> Connection::async_do_write(const p::RequestHeader& h, Buff
     };
     Result res;
     if (dev->capabilities().serial_writes) {
-      auto& strand = export_->state->write_strand(*context_.io_pool);
-      res = co_await async_offload_on(strand, std::move(job));
+      SerialQueue& queue = *export_->state->write_queue;
+      res = co_await async_offload_serial(*context_.io_pool, queue, std::move(job));
     } else {
       res = co_await async_offload(*context_.io_pool, std::move(job));
     }

@@ -10,20 +10,15 @@
 #include <functional>
 #include <memory>
 #include <mutex>
-#include <optional>
 #include <string>
 #include <string_view>
 #include <system_error>
 #include <vector>
 
-#include <boost/asio/strand.hpp>
-#include <boost/asio/thread_pool.hpp>
-
 #include "block/device.hpp"
+#include "server/io_pool.hpp"
 
 namespace fleeced::server {
-
-namespace asio = boost::asio;
 
 // A metadata context other than base:allocation, e.g. qemu:dirty-bitmap:b0.
 struct MetaContextSource {
@@ -42,21 +37,11 @@ struct MetaContextSource {
 
 // Per-export live state shared with connections (client count, closing).
 struct ExportState {
-  using Strand = asio::strand<asio::thread_pool::executor_type>;
   std::atomic<int> clients{0};
   std::atomic<bool> closing{false};  // set by a hard delete: connections end
-
-  // The strand on the I/O pool that runs this export's writes one at a time
-  // when the device asks for it (Capabilities::serial_writes), shared by all
-  // its connections. Thread-safe; the pool must be the same on every call.
-  Strand& write_strand(asio::thread_pool& pool) {
-    std::call_once(strand_once_, [&] { strand_.emplace(asio::make_strand(pool)); });
-    return *strand_;
-  }
-
- private:
-  std::once_flag strand_once_;
-  std::optional<Strand> strand_;
+  // Runs this export's writes one at a time on the I/O pool when the device
+  // asks for it (Capabilities::serial_writes), for all its connections.
+  const std::shared_ptr<SerialQueue> write_queue = std::make_shared<SerialQueue>();
 };
 
 struct Export {
