@@ -34,13 +34,20 @@ void RawNode::remove_bitmap(std::string_view name) {
 }
 
 void RawNode::set_child(NodePtr child) {
+  DevicePtr device = child->device();
+  std::lock_guard lock(child_device_mutex_);
   child_ = std::move(child);
-  child_device_ = child_->device();
+  child_device_ = std::move(device);
 }
 
-uint64_t RawNode::size() const { return child_device_->size(); }
+DevicePtr RawNode::child_device_ungated() const {
+  std::lock_guard lock(child_device_mutex_);
+  return child_device_;
+}
 
-Capabilities RawNode::capabilities() const { return child_device_->capabilities(); }
+uint64_t RawNode::size() const { return child_device_ungated()->size(); }
+
+Capabilities RawNode::capabilities() const { return child_device_ungated()->capabilities(); }
 
 std::error_code RawNode::mark(uint64_t offset, uint64_t length) {
   for (const auto& b : bitmaps_) {

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -110,9 +111,15 @@ class RawNode final : public Node, public Device, public std::enable_shared_from
   // Marks the recording in-memory bitmaps.
   void mark_memory(uint64_t offset, uint64_t length);
 
+  // child_device_ for callers outside the gate (under child_device_mutex_).
+  DevicePtr child_device_ungated() const;
+
   // Changed only while the gate is paused; read inside the gate.
   NodePtr child_;
+  // Also read outside the gate by size() and capabilities() (asked per
+  // request): they and set_child() take child_device_mutex_.
   DevicePtr child_device_;
+  mutable std::mutex child_device_mutex_;
   std::vector<NodeBitmapPtr> bitmaps_;
   bool discard_unmap_;
   // Immutable.
