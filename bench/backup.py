@@ -91,23 +91,12 @@ def settle():
 
 
 def bitmaps(fleecectl, env):
+    """Names of the bitmaps on node disk0 (fleecectl --json answers with
+    query-named-block-nodes)."""
     out = subprocess.run([fleecectl, "--json", "bitmaps", "disk0"], env=env, check=True,
                          stdout=subprocess.PIPE, text=True, timeout=60).stdout
-    return [b["name"] for b in bitmap_list(json.loads(out))]
-
-
-def bitmap_list(doc):
-    """The bitmaps in fleecectl's --json answer (a QMP return value)."""
-    ret = doc.get("return", doc) if isinstance(doc, dict) else doc
-    if isinstance(ret, dict):
-        ret = ret.get("dirty-bitmaps", [])
-    found = []
-    for item in ret:
-        if "dirty-bitmaps" in item:
-            found += item["dirty-bitmaps"]
-        elif "name" in item:
-            found.append(item)
-    return found
+    return [b["name"] for node in json.loads(out)["return"] if node["node-name"] == "disk0"
+            for b in node.get("dirty-bitmaps", [])]
 
 
 def run_json(cmd, env):
