@@ -51,7 +51,7 @@ stage_tsan() {
   # suites that drive many connections at once.
   cmake --preset tsan >/dev/null &&
     cmake --build --preset tsan &&
-    ctest --preset tsan -L unit -j2 -R 'Negotiation|Transmission|Connection|ExportRegistry|CbwTest|DirtyBitmap|PersistentBitmap|IoGate|Qcow2Writer|SerialQueue' &&
+    ctest --preset tsan -L unit -j2 -R 'Negotiation|Transmission|Connection|ExportRegistry|CbwTest|DirtyBitmap|PersistentBitmap|IoGate|Qcow2Writer|SerialQueue|ServerLoops' &&
     ctest --preset tsan -L interop -R 'interop/(nbdcopy|raw-malformed|python-commands|fleece-consistency|fleece-random|bitmap-crash|tls-psk|backup-cycle)'
 }
 

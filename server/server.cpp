@@ -104,6 +104,7 @@ struct Server::Listener {
   ListenAddress address;
   std::shared_ptr<const TlsPolicy> tls;
   boost::asio::basic_socket_acceptor<boost::asio::generic::stream_protocol> acceptor;
+  boost::asio::generic::stream_protocol protocol{AF_UNIX, 0};  // of accepted sockets
   explicit Listener(boost::asio::io_context& loop) : acceptor(loop) {}
 };
 
@@ -116,6 +117,7 @@ Server::Server(const ServerOptions& options, ExportRegistry& registry)
     loops_.push_back(std::make_unique<boost::asio::io_context>(1));
     guards_.push_back(boost::asio::make_work_guard(*loops_.back()));
   }
+  loop_connections_ = std::make_unique<std::atomic<unsigned>[]>(loops_.size());
   max_connections_.store(options.max_connections);
   context_.registry = &registry_;
   context_.io_pool = &io_pool_;
@@ -128,9 +130,25 @@ Server::~Server() {
   io_pool_.join();
 }
 
-boost::asio::io_context& Server::next_loop() {
-  unsigned i = next_loop_.fetch_add(1, std::memory_order_relaxed);
-  return *loops_[i % loops_.size()];
+unsigned Server::least_loaded_loop() const {
+  // Ties go to the lowest index: loop 0 runs the acceptors, so a connection
+  // that stays there starts without a wake-up of another thread.
+  unsigned best = 0;
+  unsigned best_count = loop_connections_[0].load(std::memory_order_relaxed);
+  for (unsigned i = 1; i < loops_.size(); ++i) {
+    unsigned n = loop_connections_[i].load(std::memory_order_relaxed);
+    if (n < best_count) {
+      best = i;
+      best_count = n;
+    }
+  }
+  return best;
+}
+
+std::vector<unsigned> Server::loop_connection_counts() const {
+  std::vector<unsigned> out(loops_.size());
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = loop_connections_[i].load();
+  return out;
 }
 
 std::error_code Server::listen(const ListenAddress& address, std::shared_ptr<const TlsPolicy> tls) {
@@ -151,6 +169,7 @@ std::error_code Server::listen(const ListenAddress& address, std::shared_ptr<con
     if (ec) return std::make_error_code(std::errc::invalid_argument);
     endpoint = boost::asio::ip::tcp::endpoint(ip, address.port);
   }
+  l->protocol = endpoint.protocol();
   l->acceptor.open(endpoint.protocol(), ec);
   if (!ec && address.kind == ListenAddress::Kind::tcp) {
     l->acceptor.set_option(boost::asio::socket_base::reuse_address(true), ec);
@@ -169,9 +188,11 @@ void Server::start_accepting(Listener& l) {
       [this, &l]() -> boost::asio::awaitable<void> {
         boost::asio::steady_timer backoff(*loops_.front());
         while (!stopping_) {
-          auto& loop = next_loop();
-          auto [ec, socket] = co_await l.acceptor.async_accept(
-              loop, boost::asio::as_tuple(boost::asio::use_awaitable));
+          // Accepted onto loop 0's context; the connection's own loop is
+          // chosen once the socket exists (connections may have ended
+          // meanwhile), and the socket moves there.
+          auto [ec, socket] =
+              co_await l.acceptor.async_accept(boost::asio::as_tuple(boost::asio::use_awaitable));
           if (ec) {
             if (ec == boost::asio::error::operation_aborted || stopping_) break;
             log().warn("accept on {} failed: {}", l.address.to_string(), ec.message());
@@ -187,19 +208,40 @@ void Server::start_accepting(Listener& l) {
             socket.close(ignored);
             continue;
           }
-          spawn_connection(loop, std::make_unique<SocketStream>(std::move(socket)), l.tls);
+          const unsigned index = least_loaded_loop();
+          if (index != 0) {
+            // Re-register the descriptor with the chosen loop's reactor.
+            boost::system::error_code mec;
+            int fd = socket.release(mec);
+            if (mec) {
+              log().warn("accept on {}: cannot move the socket to loop {}: {}",
+                         l.address.to_string(), index, mec.message());
+              continue;  // socket is still open and owned: its destructor closes it
+            }
+            socket = boost::asio::generic::stream_protocol::socket(*loops_[index]);
+            socket.assign(l.protocol, fd, mec);
+            if (mec) {
+              ::close(fd);
+              log().warn("accept on {}: cannot move the socket to loop {}: {}",
+                         l.address.to_string(), index, mec.message());
+              continue;
+            }
+          }
+          spawn_connection(index, std::make_unique<SocketStream>(std::move(socket)), l.tls);
         }
       },
       boost::asio::detached);
 }
 
-void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream,
+void Server::spawn_connection(unsigned loop_index, std::unique_ptr<Stream> stream,
                               std::shared_ptr<const TlsPolicy> tls) {
+  boost::asio::io_context& loop = *loops_[loop_index];
   uint64_t id = next_id_.fetch_add(1);
   ServerContext context = context_;
   context.tls = std::move(tls);
   auto conn = std::make_shared<Connection>(loop.get_executor(), std::move(stream), context, id);
   ++active_;
+  loop_connections_[loop_index].fetch_add(1, std::memory_order_relaxed);
   {
     std::lock_guard lock(mu_);
     connections_[id] = {conn, &loop};
@@ -207,7 +249,7 @@ void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Str
   // The lambda keeps the connection alive for as long as its coroutine runs.
   boost::asio::co_spawn(
       loop, [conn] { return conn->async_run(); },
-      [this, id](std::exception_ptr e) {
+      [this, id, loop_index](std::exception_ptr e) {
         if (e) {
           try {
             std::rethrow_exception(e);
@@ -219,6 +261,7 @@ void Server::spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Str
           std::lock_guard lock(mu_);
           connections_.erase(id);
         }
+        loop_connections_[loop_index].fetch_sub(1, std::memory_order_relaxed);
         --active_;
         if (stdio_mode_) stop();
       });
@@ -273,8 +316,7 @@ void Server::disconnect_export(const ExportState* state) {
 void Server::serve_stdio(int in_fd, int out_fd) {
   stdio_mode_ = true;
   auto& loop = *loops_.front();
-  spawn_connection(loop, std::make_unique<StdioStream>(loop.get_executor(), in_fd, out_fd),
-                   nullptr);
+  spawn_connection(0, std::make_unique<StdioStream>(loop.get_executor(), in_fd, out_fd), nullptr);
 }
 
 void Server::stop() {

@@ -79,13 +79,15 @@ class Server {
   void set_reload_handler(std::function<void()> fn) { on_reload_ = std::move(fn); }
 
   std::size_t active_connections() const { return active_.load(); }
+  // Live connections on each event loop (index 0 runs the listeners).
+  std::vector<unsigned> loop_connection_counts() const;
   ServerContext& context() { return context_; }
   boost::asio::io_context& control_loop() { return *loops_.front(); }
 
  private:
   struct Listener;
-  boost::asio::io_context& next_loop();
-  void spawn_connection(boost::asio::io_context& loop, std::unique_ptr<Stream> stream,
+  unsigned least_loaded_loop() const;
+  void spawn_connection(unsigned loop_index, std::unique_ptr<Stream> stream,
                         std::shared_ptr<const TlsPolicy> tls);
   void start_accepting(Listener& l);
   void finish_stop();
@@ -99,7 +101,8 @@ class Server {
   std::vector<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> guards_;
   std::vector<std::unique_ptr<Listener>> listeners_;          // loop 0 only
   std::vector<std::unique_ptr<Listener>> retired_listeners_;  // loop 0 only
-  std::atomic<unsigned> next_loop_{0};
+  // Live connections per loop, indexed like loops_.
+  std::unique_ptr<std::atomic<unsigned>[]> loop_connections_;
   std::atomic<uint64_t> next_id_{1};
   std::atomic<std::size_t> active_{0};
   std::atomic<bool> stopping_{false};

@@ -59,9 +59,11 @@ asio::awaitable<void> Stream::async_shutdown() { co_return; }
 
 SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
     : socket_(std::move(socket)), peer_(describe_peer(socket_)) {
-  // The spec asks both sides to set TCP_NODELAY; ignore failure on unix sockets.
-  int one = 1;
-  ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  // The spec asks both sides to set TCP_NODELAY (TCP only).
+  if (peer_.starts_with("tcp:")) {
+    int one = 1;
+    ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
 }
 
 asio::awaitable<std::size_t> SocketStream::async_read_some(asio::mutable_buffer buffer,
