@@ -59,6 +59,14 @@ asio::awaitable<void> Stream::async_shutdown() { co_return; }
 
 SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
     : socket_(std::move(socket)), peer_(describe_peer(socket_)) {
+  if (peer_.starts_with("unix")) {
+    // A unix stream socket queues at most its sender's SO_SNDBUF (default
+    // 208 KiB): a 256 KiB read reply then needs several send / wait-for-room
+    // rounds, each waking the client and this loop. Ask for 1 MiB (the
+    // kernel doubles it, within net.core.wmem_max); TCP keeps autotuning.
+    int bytes = kUnixSendBufferBytes;
+    ::setsockopt(socket_.native_handle(), SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  }
   // The spec asks both sides to set TCP_NODELAY (TCP only).
   if (peer_.starts_with("tcp:")) {
     int one = 1;

@@ -51,6 +51,8 @@ class Stream {
 // A connected unix or TCP socket.
 class SocketStream final : public Stream {
  public:
+  // SO_SNDBUF asked for on unix sockets (see the constructor).
+  static constexpr int kUnixSendBufferBytes = 1 << 20;
   explicit SocketStream(asio::generic::stream_protocol::socket socket);
   asio::awaitable<std::size_t> async_read_some(asio::mutable_buffer buffer,
                                                std::error_code& ec) override;

@@ -1,22 +1,26 @@
 // SPDX-License-Identifier: MIT
 // Server: which event loop an accepted connection lands on. A connection
 // stays on loop 0 (the listeners' loop, so no other thread is woken to start
-// it) unless another loop serves fewer connections.
+// it) unless another loop serves fewer connections. SocketStream's socket
+// options.
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "server/export_registry.hpp"
 #include "server/server.hpp"
+#include "server/stream.hpp"
 
 namespace fleeced::server {
 namespace {
@@ -145,6 +149,28 @@ TEST_F(ServerLoops, AMovedConnectionIsServed) {
   }
   ASSERT_EQ(got, sizeof greeting);
   EXPECT_EQ(std::string(reinterpret_cast<char*>(greeting), 16), "NBDMAGICIHAVEOPT");
+}
+
+// The kernel grants 2 x min(asked, net.core.wmem_max) bytes.
+TEST(SocketStream, UnixSocketsAskForALargerSendBuffer) {
+  long wmem_max = 0;
+  std::ifstream("/proc/sys/net/core/wmem_max") >> wmem_max;
+  ASSERT_GT(wmem_max, 0);
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  int before = 0;
+  socklen_t len = sizeof before;
+  ASSERT_EQ(::getsockopt(fds[0], SOL_SOCKET, SO_SNDBUF, &before, &len), 0);
+  boost::asio::io_context io;
+  boost::asio::generic::stream_protocol::socket socket(
+      io, boost::asio::generic::stream_protocol(AF_UNIX, 0), fds[0]);
+  SocketStream stream(std::move(socket));
+  int after = 0;
+  len = sizeof after;
+  ASSERT_EQ(::getsockopt(stream.socket().native_handle(), SOL_SOCKET, SO_SNDBUF, &after, &len), 0);
+  const long want = 2 * std::min<long>(SocketStream::kUnixSendBufferBytes, wmem_max);
+  EXPECT_EQ(after, want) << "default was " << before;
+  ::close(fds[1]);
 }
 
 }  // namespace
