@@ -33,6 +33,20 @@ unsigned cpu_count() {
   return n == 0 ? 2 : n;
 }
 
+// Re-registers an accepted socket with another loop's reactor. On failure the
+// descriptor is closed or left with `socket`, which closes it.
+boost::system::error_code move_to_loop(boost::asio::generic::stream_protocol::socket& socket,
+                                       const boost::asio::generic::stream_protocol& protocol,
+                                       boost::asio::io_context& loop) {
+  boost::system::error_code ec;
+  int fd = socket.release(ec);
+  if (ec) return ec;
+  socket = boost::asio::generic::stream_protocol::socket(loop);
+  socket.assign(protocol, fd, ec);
+  if (ec) ::close(fd);
+  return ec;
+}
+
 // " (TLS required, x509:DIR verify-peer=on)" for the listening log line.
 std::string describe_tls(const TlsPolicy* tls) {
   if (!tls || tls->mode == TlsMode::off || !tls->creds) return "";
@@ -210,21 +224,11 @@ void Server::start_accepting(Listener& l) {
           }
           const unsigned index = least_loaded_loop();
           if (index != 0) {
-            // Re-register the descriptor with the chosen loop's reactor.
-            boost::system::error_code mec;
-            int fd = socket.release(mec);
+            boost::system::error_code mec = move_to_loop(socket, l.protocol, *loops_[index]);
             if (mec) {
               log().warn("accept on {}: cannot move the socket to loop {}: {}",
                          l.address.to_string(), index, mec.message());
-              continue;  // socket is still open and owned: its destructor closes it
-            }
-            socket = boost::asio::generic::stream_protocol::socket(*loops_[index]);
-            socket.assign(l.protocol, fd, mec);
-            if (mec) {
-              ::close(fd);
-              log().warn("accept on {}: cannot move the socket to loop {}: {}",
-                         l.address.to_string(), index, mec.message());
-              continue;
+              continue;  // the socket (if still open) closes as it goes out of scope
             }
           }
           spawn_connection(index, std::make_unique<SocketStream>(std::move(socket)), l.tls);

@@ -19,11 +19,15 @@ namespace fleeced::server {
 
 namespace {
 
-std::string describe_peer(asio::generic::stream_protocol::socket& socket) {
+// "unix:pid=N", "tcp:HOST:PORT" or "unknown"; `family` gets the address family
+// (AF_UNSPEC if unknown).
+std::string describe_peer(asio::generic::stream_protocol::socket& socket, int& family) {
+  family = AF_UNSPEC;
   boost::system::error_code ec;
   auto endpoint = socket.remote_endpoint(ec);
   if (ec) return "unknown";
   const sockaddr* sa = endpoint.data();
+  family = sa->sa_family;
   if (sa->sa_family == AF_UNIX) {
     ucred cred{};
     socklen_t len = sizeof cred;
@@ -58,8 +62,10 @@ std::unique_ptr<TlsStream> Stream::start_tls(std::shared_ptr<const TlsCredential
 asio::awaitable<void> Stream::async_shutdown() { co_return; }
 
 SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
-    : socket_(std::move(socket)), peer_(describe_peer(socket_)) {
-  if (peer_.starts_with("unix")) {
+    : socket_(std::move(socket)) {
+  int family = AF_UNSPEC;
+  peer_ = describe_peer(socket_, family);
+  if (family == AF_UNIX) {
     // A unix stream socket queues at most its sender's SO_SNDBUF (default
     // 208 KiB): a 256 KiB read reply then needs several send / wait-for-room
     // rounds, each waking the client and this loop. Ask for 1 MiB (the
@@ -68,7 +74,7 @@ SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
     ::setsockopt(socket_.native_handle(), SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
   }
   // The spec asks both sides to set TCP_NODELAY (TCP only).
-  if (peer_.starts_with("tcp:")) {
+  if (family == AF_INET || family == AF_INET6) {
     int one = 1;
     ::setsockopt(socket_.native_handle(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   }
