@@ -9,6 +9,11 @@
 // - Requests: device calls that cannot block (page-cache hits through
 //   RWF_NOWAIT) run inline on the event loop; everything else runs on the I/O
 //   pool and resumes here. Replies complete out of order.
+// - WRITEs that need the pool skip the coroutine: the reader hands the
+//   request to a reusable WriteJob, the pool thread runs it and pushes it on
+//   a mutex-guarded done list, and one posted drain_write_done() answers every
+//   job finished by then. The hot write path allocates nothing, and a burst of
+//   finished writes costs one post back to the event loop.
 // - Writer: replies go into a queue; one writer coroutine sends everything
 //   queued with one gathered write, so replies are never interleaved.
 #include "server/connection.hpp"
@@ -20,6 +25,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
@@ -105,6 +111,29 @@ std::error_code collect_extents(Source&& source, uint64_t offset, uint64_t lengt
 }
 
 }  // namespace
+
+// One WRITE on its way through the I/O pool. Reused: idle jobs wait in
+// idle_write_jobs_. While in flight it holds the connection (keep), so the
+// connection, its export and the device outlive it.
+struct Connection::WriteJob final : PoolJob {
+  Connection* conn = nullptr;
+  std::shared_ptr<Connection> keep;  // set while in flight
+  block::Device* dev = nullptr;
+  p::RequestHeader h{};
+  Buffer payload;
+  std::error_code ec;
+  WriteJob* next_done = nullptr;  // the done list; guarded by conn->done_mu_
+
+  void run() noexcept override {
+    ec = dev->write(h.offset, payload.span(), h.flags & p::kCmdFlagFua);
+    conn->post_write_done(this);
+  }
+  void drop() noexcept override {
+    // The pool is gone (server teardown): nobody waits for this reply. The
+    // last reference may destroy the connection, which owns this job.
+    auto last = std::move(keep);
+  }
+};
 
 Connection::Connection(asio::any_io_executor executor, std::unique_ptr<Stream> stream,
                        const ServerContext& context, uint64_t id)
@@ -294,6 +323,10 @@ asio::awaitable<void> Connection::async_transmission() {
       }
     }
     in_flight_bytes_ += charge;
+    if (is_write) {
+      start_write(h, std::move(payload));
+      continue;
+    }
     auto request = [self, h, payload = std::move(payload)]() mutable -> asio::awaitable<void> {
       co_await self->async_handle_request(h, std::move(payload));
     };
@@ -317,6 +350,7 @@ asio::awaitable<void> Connection::async_transmission() {
 
 void Connection::reply_error(const p::RequestHeader& h, p::Error err, std::string_view message,
                              Reply& r) {
+  r.simple_only = false;
   r.meta.clear();
   r.pieces.clear();
   if (structured_ && h.type == static_cast<uint16_t>(p::Command::read)) {
@@ -328,6 +362,11 @@ void Connection::reply_error(const p::RequestHeader& h, p::Error err, std::strin
 
 void Connection::reply_ok(const p::RequestHeader& h, Reply& r) {
   append_simple(r.meta, 0, h.cookie);
+}
+
+void Connection::reply_simple_ok(const p::RequestHeader& h, Reply& r) {
+  (void)p::encode_simple_reply(r.simple, 0, h.cookie);
+  r.simple_only = true;
 }
 
 void Connection::log_request(const p::RequestHeader& h, const std::error_code& ec) const {
@@ -346,9 +385,6 @@ asio::awaitable<void> Connection::async_handle_request(p::RequestHeader h, Buffe
   switch (static_cast<p::Command>(h.type)) {
     case p::Command::read:
       co_await async_do_read(h, r);
-      break;
-    case p::Command::write:
-      co_await async_do_write(h, payload, r);
       break;
     case p::Command::block_status:
       co_await async_do_block_status(h, r);
@@ -474,37 +510,102 @@ asio::awaitable<void> Connection::async_do_read(const p::RequestHeader& h, Reply
   r.data = std::move(buf);
 }
 
-asio::awaitable<void> Connection::async_do_write(const p::RequestHeader& h, Buffer& payload,
-                                                 Reply& r) {
-  block::DevicePtr dev = export_->device;
-  const bool fua = h.flags & p::kCmdFlagFua;
+void Connection::start_write(const p::RequestHeader& h, Buffer payload) {
+  block::Device* dev = export_->device.get();
   std::error_code ec = std::make_error_code(std::errc::operation_would_block);
-  if (!fua) ec = dev->try_write(h.offset, payload.span());
+  if (!(h.flags & p::kCmdFlagFua)) ec = dev->try_write(h.offset, payload.span());
   if (would_block(ec)) {
-    struct Result {
-      std::error_code ec;
-      Buffer buf;
-    };
-    auto job = [dev, fua, off = h.offset, buf = std::move(payload)]() mutable -> Result {
-      std::error_code e = dev->write(off, buf.span(), fua);
-      return Result{e, std::move(buf)};
-    };
-    Result res;
-    if (dev->capabilities().serial_writes) {
-      SerialQueue& queue = *export_->state->write_queue;
-      res = co_await async_offload_serial(*context_.io_pool, queue, std::move(job));
-    } else {
-      res = co_await async_offload(*context_.io_pool, std::move(job));
-    }
-    ec = res.ec;
-    payload = std::move(res.buf);
+    start_pool_write(h, std::move(payload));
+    return;
   }
   log_request(h, ec);
+  Reply r;
+  r.charged_bytes = h.length;
   if (ec) {
     reply_error(h, p::to_nbd_error(ec.value(), h.flags), ec.message(), r);
   } else {
-    reply_ok(h, r);
+    reply_simple_ok(h, r);
   }
+  buffers_.put(std::move(payload));
+  send(std::move(r));
+}
+
+void Connection::start_pool_write(const p::RequestHeader& h, Buffer payload) {
+  WriteJob* job;
+  if (idle_write_jobs_.empty()) {
+    write_jobs_.push_back(std::make_unique<WriteJob>());
+    job = write_jobs_.back().get();
+    job->conn = this;
+  } else {
+    job = idle_write_jobs_.back();
+    idle_write_jobs_.pop_back();
+  }
+  job->keep = shared_from_this();
+  job->dev = export_->device.get();
+  job->h = h;
+  job->payload = std::move(payload);
+  job->ec.clear();
+  if (job->dev->capabilities().serial_writes) {
+    export_->state->write_queue->post_job(*context_.io_pool, job);
+  } else {
+    asio::post(*context_.io_pool, [job] { job->run(); });
+  }
+}
+
+void Connection::post_write_done(WriteJob* job) {
+  bool post;
+  {
+    std::lock_guard lock(done_mu_);
+    job->next_done = done_head_;
+    done_head_ = job;
+    post = !done_posted_;
+    done_posted_ = true;
+  }
+  // Until the drain posted here runs, nothing takes `job` off the list, so
+  // job->keep is still set.
+  if (!post) return;
+  if (auto* ex = executor_.target<asio::io_context::executor_type>()) {
+    asio::post(*ex, [self = job->keep] { self->drain_write_done(); });
+  } else {
+    asio::post(executor_, [self = job->keep] { self->drain_write_done(); });
+  }
+}
+
+void Connection::drain_write_done() {
+  WriteJob* list;
+  {
+    std::lock_guard lock(done_mu_);
+    list = done_head_;
+    done_head_ = nullptr;
+    done_posted_ = false;
+  }
+  WriteJob* ordered = nullptr;  // oldest first
+  while (list) {
+    WriteJob* next = list->next_done;
+    list->next_done = ordered;
+    ordered = list;
+    list = next;
+  }
+  while (ordered) {
+    WriteJob* next = ordered->next_done;
+    finish_write(ordered);
+    ordered = next;
+  }
+}
+
+void Connection::finish_write(WriteJob* job) {
+  log_request(job->h, job->ec);
+  Reply r;
+  r.charged_bytes = job->h.length;
+  if (job->ec) {
+    reply_error(job->h, p::to_nbd_error(job->ec.value(), job->h.flags), job->ec.message(), r);
+  } else {
+    reply_simple_ok(job->h, r);
+  }
+  buffers_.put(std::move(job->payload));
+  job->keep.reset();  // the caller holds the connection
+  idle_write_jobs_.push_back(job);
+  send(std::move(r));
 }
 
 asio::awaitable<void> Connection::async_do_simple_op(const p::RequestHeader& h, Reply& r) {
@@ -533,7 +634,7 @@ asio::awaitable<void> Connection::async_do_simple_op(const p::RequestHeader& h, 
   if (ec) {
     reply_error(h, p::to_nbd_error(ec.value(), h.flags), ec.message(), r);
   } else {
-    reply_ok(h, r);
+    reply_simple_ok(h, r);
   }
 }
 
@@ -646,6 +747,10 @@ asio::awaitable<void> Connection::async_writer() {
       queue_.pop_front();
     }
     for (Reply& r : batch) {
+      if (r.simple_only) {
+        buffers.emplace_back(r.simple.data(), r.simple.size());
+        continue;
+      }
       if (r.pieces.empty()) {
         buffers.emplace_back(r.meta.data(), r.meta.size());
         continue;

@@ -7,10 +7,12 @@
 // io_context), so there is no locking here.
 #pragma once
 
+#include <array>
 #include <chrono>
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -42,13 +44,16 @@ struct ServerContext {
 };
 
 // Wire bytes of one reply: `meta` holds headers and small payloads, `data`
-// holds read data; `pieces` (if not empty) interleaves the two.
+// holds read data; `pieces` (if not empty) interleaves the two. A reply that
+// is one simple reply header keeps it in `simple` instead (no allocation).
 struct Reply {
   struct Piece {
     bool from_data = false;
     std::size_t offset = 0;
     std::size_t length = 0;
   };
+  std::array<std::byte, 16> simple{};  // used when simple_only
+  bool simple_only = false;
   std::vector<std::byte> meta;
   Buffer data;
   std::vector<Piece> pieces;
@@ -105,12 +110,22 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<void> async_transmission();
   asio::awaitable<void> async_handle_request(protocol::RequestHeader h, Buffer payload);
   asio::awaitable<void> async_do_read(const protocol::RequestHeader& h, Reply& r);
-  asio::awaitable<void> async_do_write(const protocol::RequestHeader& h, Buffer& payload, Reply& r);
   asio::awaitable<void> async_do_block_status(const protocol::RequestHeader& h, Reply& r);
   asio::awaitable<void> async_do_simple_op(const protocol::RequestHeader& h, Reply& r);
+  // WRITE that must go to the I/O pool: no coroutine, a reusable job object
+  // and a completion mailbox, so the hot write path allocates nothing.
+  struct WriteJob;
+  void start_write(const protocol::RequestHeader& h, Buffer payload);
+  void start_pool_write(const protocol::RequestHeader& h, Buffer payload);
+  // Pool thread: hands a finished job back to the connection's executor.
+  void post_write_done(WriteJob* job);
+  void drain_write_done();
+  void finish_write(WriteJob* job);
   void reply_error(const protocol::RequestHeader& h, protocol::Error err, std::string_view message,
                    Reply& r);
   void reply_ok(const protocol::RequestHeader& h, Reply& r);
+  // A simple reply with no error, kept in r.simple.
+  void reply_simple_ok(const protocol::RequestHeader& h, Reply& r);
   void log_request(const protocol::RequestHeader& h, const std::error_code& ec) const;
 
   // --- connection.cpp: writer ---
@@ -160,6 +175,16 @@ class Connection : public std::enable_shared_from_this<Connection> {
   uint64_t queued_data_bytes_ = 0;  // read data in replies not yet sent
   asio::steady_timer wake_timer_;
   asio::steady_timer drained_timer_;  // cancelled when the writer has sent a batch
+
+  // Write jobs: all ever made (owned here) and the idle ones.
+  std::vector<std::unique_ptr<WriteJob>> write_jobs_;
+  std::vector<WriteJob*> idle_write_jobs_;
+  // Finished write jobs on their way back from the pool (a LIFO list,
+  // reversed when drained). Guarded by done_mu_; the only members that pool
+  // threads touch.
+  std::mutex done_mu_;
+  WriteJob* done_head_ = nullptr;
+  bool done_posted_ = false;  // a drain_write_done() is queued on executor_
 };
 
 }  // namespace fleeced::server

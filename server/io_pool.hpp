@@ -6,7 +6,6 @@
 // in order. Thread-safe.
 #pragma once
 
-#include <deque>
 #include <memory>
 #include <mutex>
 #include <type_traits>
@@ -23,6 +22,23 @@ namespace fleeced::server {
 
 namespace asio = boost::asio;
 
+// A unit of work for the I/O pool that the poster allocates (and may reuse),
+// so queueing it costs no allocation. A SerialQueue links queued jobs through
+// next_; a job is in at most one queue at a time.
+class PoolJob {
+ public:
+  // Runs the job on a pool thread.
+  virtual void run() noexcept = 0;
+  // The job will never run (its queue is being destroyed): release it.
+  virtual void drop() noexcept = 0;
+
+  virtual ~PoolJob() = default;
+
+ private:
+  friend class SerialQueue;
+  PoolJob* next_ = nullptr;
+};
+
 // Jobs posted here run on a thread pool one at a time, in the order posted;
 // one pool thread runs them back to back while more keep coming, so a busy
 // queue costs no wake-up per job. Unlike an asio::strand it holds no state of
@@ -30,49 +46,75 @@ namespace asio = boost::asio;
 // Thread-safe. Owned through a shared_ptr: a running pool thread keeps it.
 class SerialQueue : public std::enable_shared_from_this<SerialQueue> {
  public:
-  template <typename Task>
-  void post(asio::thread_pool& pool, Task task) {
-    auto job = std::make_unique<Job<Task>>(std::move(task));
+  SerialQueue() = default;
+  SerialQueue(const SerialQueue&) = delete;
+  SerialQueue& operator=(const SerialQueue&) = delete;
+  ~SerialQueue() {
+    while (PoolJob* job = head_) {
+      head_ = job->next_;
+      job->drop();
+    }
+  }
+
+  // Queues `job`, which must stay valid until it has run or been dropped.
+  void post_job(asio::thread_pool& pool, PoolJob* job) {
+    job->next_ = nullptr;
     {
       std::lock_guard lock(mu_);
-      jobs_.push_back(std::move(job));
+      if (tail_) {
+        tail_->next_ = job;
+      } else {
+        head_ = job;
+      }
+      tail_ = job;
       if (running_) return;
       running_ = true;
     }
     asio::post(pool, [self = shared_from_this()] { self->drain(); });
   }
 
+  // Queues task(), allocating a job for it.
+  template <typename Task>
+  void post(asio::thread_pool& pool, Task task) {
+    post_job(pool, new HeapJob<Task>(std::move(task)));
+  }
+
  private:
-  struct JobBase {
-    virtual ~JobBase() = default;
-    virtual void run() = 0;
-  };
   template <typename T>
-  struct Job final : JobBase {
-    explicit Job(T t) : task(std::move(t)) {}
-    void run() override { task(); }
-    T task;
+  class HeapJob final : public PoolJob {
+   public:
+    explicit HeapJob(T t) : task_(std::move(t)) {}
+    void run() noexcept override {
+      task_();
+      delete this;
+    }
+    void drop() noexcept override { delete this; }
+
+   private:
+    T task_;
   };
 
   void drain() {
     for (;;) {
-      std::unique_ptr<JobBase> job;
+      PoolJob* job;
       {
         std::lock_guard lock(mu_);
-        if (jobs_.empty()) {
+        job = head_;
+        if (!job) {
           running_ = false;
           return;
         }
-        job = std::move(jobs_.front());
-        jobs_.pop_front();
+        head_ = job->next_;
+        if (!head_) tail_ = nullptr;
       }
       job->run();
     }
   }
 
   std::mutex mu_;
-  std::deque<std::unique_ptr<JobBase>> jobs_;
-  bool running_ = false;  // a pool thread is in drain()
+  PoolJob* head_ = nullptr;  // guarded by mu_
+  PoolJob* tail_ = nullptr;  // guarded by mu_
+  bool running_ = false;     // guarded by mu_: a pool thread is in drain()
 };
 
 namespace detail {

@@ -96,5 +96,78 @@ TEST(SerialQueue, MayOutliveThePool) {
   SUCCEED();
 }
 
+// A job the test owns: counts its runs and drops.
+class CountingJob final : public PoolJob {
+ public:
+  void run() noexcept override { runs.fetch_add(1); }
+  void drop() noexcept override { drops.fetch_add(1); }
+  std::atomic<int> runs{0};
+  std::atomic<int> drops{0};
+};
+
+// Caller-owned jobs run once each, one at a time in order, and can be
+// posted again once they have run (connections reuse their write jobs).
+TEST(SerialQueue, CallerOwnedJobsRunInOrderAndCanBeReposted) {
+  asio::thread_pool pool(4);
+  auto queue = std::make_shared<SerialQueue>();
+  std::vector<int> order;  // touched only inside jobs
+  struct Recording final : PoolJob {
+    std::vector<int>* order = nullptr;
+    std::atomic<int>* finished = nullptr;
+    int id = 0;
+    void run() noexcept override {
+      order->push_back(id);
+      finished->fetch_add(1);
+    }
+    void drop() noexcept override {}
+  };
+  std::atomic<int> finished{0};
+  std::vector<Recording> jobs(50);
+  for (int round = 0; round < 3; ++round) {
+    const int before = finished.load();
+    for (int i = 0; i < 50; ++i) {
+      jobs[i].order = &order;
+      jobs[i].finished = &finished;
+      jobs[i].id = round * 50 + i;
+      queue->post_job(pool, &jobs[i]);
+    }
+    for (int t = 0; t < 10000 && finished.load() < before + 50; ++t)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    ASSERT_EQ(finished.load(), before + 50) << "round " << round;
+  }
+  pool.join();
+  ASSERT_EQ(order.size(), 150u);
+  for (int i = 0; i < 150; ++i) EXPECT_EQ(order[i], i);
+}
+
+// Jobs still queued when the queue is destroyed (its pool is gone) are
+// dropped, never run, and each exactly once.
+TEST(SerialQueue, QueuedJobsAreDroppedWithTheQueue) {
+  CountingJob first, second, third;
+  auto queue = std::make_shared<SerialQueue>();
+  {
+    asio::thread_pool pool(1);
+    std::atomic<bool> release{false}, entered{false};
+    // Keep the only pool thread busy so nothing posted after this runs.
+    asio::post(pool, [&] {
+      entered = true;
+      for (int i = 0; i < 10000 && !release; ++i)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    });
+    ASSERT_TRUE(wait_for(entered));
+    queue->post_job(pool, &first);
+    queue->post_job(pool, &second);
+    queue->post_job(pool, &third);
+    pool.stop();  // the queue's drain never starts
+    release = true;
+    pool.join();
+  }
+  queue.reset();
+  for (CountingJob* j : {&first, &second, &third}) {
+    EXPECT_EQ(j->runs.load(), 0);
+    EXPECT_EQ(j->drops.load(), 1);
+  }
+}
+
 }  // namespace
 }  // namespace fleeced::server
