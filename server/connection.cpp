@@ -110,6 +110,26 @@ std::error_code collect_extents(Source&& source, uint64_t offset, uint64_t lengt
   return {};
 }
 
+// Appends the wire bytes of each reply, in order, to out.
+template <typename It>
+void append_wire_buffers(It first, It last, std::vector<asio::const_buffer>& out) {
+  for (; first != last; ++first) {
+    Reply& r = *first;
+    if (r.simple_only) {
+      out.emplace_back(r.simple.data(), r.simple.size());
+      continue;
+    }
+    if (r.pieces.empty()) {
+      out.emplace_back(r.meta.data(), r.meta.size());
+      continue;
+    }
+    for (const auto& piece : r.pieces) {
+      const std::byte* base = piece.from_data ? r.data.data() : r.meta.data();
+      out.emplace_back(base + piece.offset, piece.length);
+    }
+  }
+}
+
 }  // namespace
 
 // One WRITE on its way through the I/O pool. Reused: idle jobs wait in
@@ -591,6 +611,7 @@ void Connection::drain_write_done() {
     finish_write(ordered);
     ordered = next;
   }
+  flush_now();
 }
 
 void Connection::finish_write(WriteJob* job) {
@@ -605,7 +626,12 @@ void Connection::finish_write(WriteJob* job) {
   buffers_.put(std::move(job->payload));
   job->keep.reset();  // the caller holds the connection
   idle_write_jobs_.push_back(job);
-  send(std::move(r));
+  if (failed_) {
+    send(std::move(r));  // releases its budget
+    return;
+  }
+  queued_data_bytes_ += r.data.size();
+  queue_.push_back(std::move(r));  // the caller flushes
 }
 
 asio::awaitable<void> Connection::async_do_simple_op(const p::RequestHeader& h, Reply& r) {
@@ -746,28 +772,21 @@ asio::awaitable<void> Connection::async_writer() {
       batch.push_back(std::move(queue_.front()));
       queue_.pop_front();
     }
-    for (Reply& r : batch) {
-      if (r.simple_only) {
-        buffers.emplace_back(r.simple.data(), r.simple.size());
-        continue;
+    append_wire_buffers(batch.begin(), batch.end(), buffers);
+    if (front_sent_ > 0) {
+      // flush_now() sent the start of these replies.
+      std::size_t skip = std::exchange(front_sent_, 0);
+      std::size_t whole = 0;
+      while (whole < buffers.size() && buffers[whole].size() <= skip) {
+        skip -= buffers[whole].size();
+        ++whole;
       }
-      if (r.pieces.empty()) {
-        buffers.emplace_back(r.meta.data(), r.meta.size());
-        continue;
-      }
-      for (const auto& piece : r.pieces) {
-        const std::byte* base = piece.from_data ? r.data.data() : r.meta.data();
-        buffers.emplace_back(base + piece.offset, piece.length);
-      }
+      buffers.erase(buffers.begin(), buffers.begin() + static_cast<std::ptrdiff_t>(whole));
+      if (skip > 0) buffers.front() += skip;
     }
     std::error_code ec;
     co_await stream_->async_write_all(buffers, ec);
-    for (Reply& r : batch) {
-      in_flight_bytes_ -= std::min(in_flight_bytes_, r.charged_bytes);
-      if (r.counts_request && in_flight_ > 0) --in_flight_;
-      queued_data_bytes_ -= std::min(queued_data_bytes_, uint64_t{r.data.size()});
-      if (r.data.capacity() > 0) buffers_.put(std::move(r.data));
-    }
+    for (Reply& r : batch) account_sent(r);
     drained_timer_.cancel();
     if (ec) {
       fail("write failed: " + ec.message());
@@ -783,9 +802,51 @@ asio::awaitable<void> Connection::async_writer() {
     queue_.pop_front();
   }
   queued_data_bytes_ = 0;
+  front_sent_ = 0;
   writing_ = false;
   drained_timer_.cancel();
   wake();
+}
+
+void Connection::account_sent(Reply& r) {
+  in_flight_bytes_ -= std::min(in_flight_bytes_, r.charged_bytes);
+  if (r.counts_request && in_flight_ > 0) --in_flight_;
+  queued_data_bytes_ -= std::min(queued_data_bytes_, uint64_t{r.data.size()});
+  if (r.data.capacity() > 0) buffers_.put(std::move(r.data));
+}
+
+void Connection::gather(std::size_t n, std::vector<asio::const_buffer>& out) {
+  append_wire_buffers(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(n), out);
+}
+
+void Connection::flush_now() {
+  if (writing_ || queue_.empty()) return;
+  if (!failed_) {
+    const std::size_t n = std::min(queue_.size(), kMaxBatch);
+    flush_buffers_.clear();
+    gather(n, flush_buffers_);
+    std::size_t total = 0;
+    for (const auto& b : flush_buffers_) total += b.size();
+    std::error_code ec;
+    const std::size_t sent = stream_->try_write(flush_buffers_, ec);
+    if (sent == total) {
+      for (std::size_t i = 0; i < n; ++i) {
+        account_sent(queue_.front());
+        queue_.pop_front();
+      }
+      drained_timer_.cancel();
+      wake();
+      if (queue_.empty()) return;
+    } else if (ec && !would_block(ec)) {
+      fail("write failed: " + ec.message());
+    } else {
+      front_sent_ = sent;  // the writer goes on from here
+    }
+  }
+  // The writer sends the rest, or drops it all after a failure.
+  writing_ = true;
+  asio::co_spawn(
+      executor_, [self = shared_from_this()] { return self->async_writer(); }, asio::detached);
 }
 
 void Connection::wake() { wake_timer_.cancel(); }

@@ -129,7 +129,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void log_request(const protocol::RequestHeader& h, const std::error_code& ec) const;
 
   // --- connection.cpp: writer ---
+  // Queues a reply; the writer coroutine sends it (batched with others).
   void send(Reply r);
+  // Sends what is queued now if the socket takes it all; otherwise (or if
+  // the writer is busy) leaves it to the writer coroutine.
+  void flush_now();
+  // Appends the wire buffers of replies [0, n) of queue_ to out.
+  void gather(std::size_t n, std::vector<asio::const_buffer>& out);
+  // Releases a sent (or dropped) reply's budget and buffers.
+  void account_sent(Reply& r);
   asio::awaitable<void> async_writer();
   void wake();
   asio::awaitable<void> async_wait_wake();
@@ -165,6 +173,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::vector<uint32_t> selected_;  // context indices for BLOCK_STATUS
   BufferPool buffers_;
   std::deque<Reply> queue_;
+  std::size_t front_sent_ = 0;  // bytes of queue_'s front replies already sent
+  std::vector<asio::const_buffer> flush_buffers_;
   bool writing_ = false;
   bool stopping_ = false;
   bool failed_ = false;

@@ -1,10 +1,15 @@
 // SPDX-License-Identifier: MIT
 #include "server/stream.hpp"
 
+#include <algorithm>
+#include <array>
+#include <cerrno>
+
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -61,6 +66,11 @@ std::unique_ptr<TlsStream> Stream::start_tls(std::shared_ptr<const TlsCredential
 
 asio::awaitable<void> Stream::async_shutdown() { co_return; }
 
+std::size_t Stream::try_write(std::span<const asio::const_buffer>, std::error_code& ec) {
+  ec = std::make_error_code(std::errc::operation_would_block);
+  return 0;
+}
+
 SocketStream::SocketStream(asio::generic::stream_protocol::socket socket)
     : socket_(std::move(socket)) {
   int family = AF_UNSPEC;
@@ -100,6 +110,28 @@ asio::awaitable<void> SocketStream::async_write_all(std::span<const asio::const_
   co_await asio::async_write(socket_, buffers, no_cap,
                              asio::redirect_error(asio::use_awaitable, bec));
   ec = bec;
+}
+
+std::size_t SocketStream::try_write(std::span<const asio::const_buffer> buffers,
+                                    std::error_code& ec) {
+  ec.clear();
+  std::array<iovec, 64> iov;
+  std::size_t count = std::min(buffers.size(), iov.size());
+  for (std::size_t i = 0; i < count; ++i) {
+    iov[i].iov_base = const_cast<void*>(buffers[i].data());
+    iov[i].iov_len = buffers[i].size();
+  }
+  msghdr msg{};
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = count;
+  for (;;) {
+    ssize_t n = ::sendmsg(socket_.native_handle(), &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n >= 0) return static_cast<std::size_t>(n);
+    if (errno == EINTR) continue;
+    ec = std::error_code(errno == EWOULDBLOCK ? EAGAIN : errno, std::generic_category());
+    if (ec.value() == EAGAIN) ec = std::make_error_code(std::errc::operation_would_block);
+    return 0;
+  }
 }
 
 std::unique_ptr<TlsStream> SocketStream::start_tls(std::shared_ptr<const TlsCredentials> creds) {

@@ -33,6 +33,12 @@ class Stream {
   // Writes every byte of every buffer, or fails with ec.
   virtual asio::awaitable<void> async_write_all(std::span<const asio::const_buffer> buffers,
                                                 std::error_code& ec) = 0;
+  // Writes what the transport takes right now without waiting and returns
+  // the byte count (possibly a prefix of a buffer). A transport that cannot
+  // take bytes now, or cannot write without waiting at all (the default),
+  // returns 0 with ec = operation_would_block; other errors are real. Must
+  // not be called while an async_write_all is in progress.
+  virtual std::size_t try_write(std::span<const asio::const_buffer> buffers, std::error_code& ec);
   // Makes a pending or later read end with EOF; writes still go out.
   virtual void shutdown_receive() = 0;
   // Closes both directions; pending operations complete with an error.
@@ -58,6 +64,8 @@ class SocketStream final : public Stream {
                                                std::error_code& ec) override;
   asio::awaitable<void> async_write_all(std::span<const asio::const_buffer> buffers,
                                         std::error_code& ec) override;
+  // One non-blocking sendmsg.
+  std::size_t try_write(std::span<const asio::const_buffer> buffers, std::error_code& ec) override;
   void shutdown_receive() override;
   void close() override;
   std::string peer() const override { return peer_; }

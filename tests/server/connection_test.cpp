@@ -103,6 +103,46 @@ class Gate {
   int entered_ = 0;
 };
 
+// A SocketStream whose try_write takes at most `limit` bytes per call, as a
+// nearly full socket would: the writer coroutine has to go on from the
+// middle of a reply. Counts the calls that were cut short.
+class ChoppyStream final : public Stream {
+ public:
+  ChoppyStream(std::unique_ptr<SocketStream> inner, std::size_t limit,
+               std::shared_ptr<std::atomic<int>> cut)
+      : inner_(std::move(inner)), limit_(limit), cut_(std::move(cut)) {}
+  asio::awaitable<std::size_t> async_read_some(asio::mutable_buffer buffer,
+                                               std::error_code& ec) override {
+    std::size_t n = co_await inner_->async_read_some(buffer, ec);
+    co_return n;
+  }
+  asio::awaitable<void> async_write_all(std::span<const asio::const_buffer> buffers,
+                                        std::error_code& ec) override {
+    co_await inner_->async_write_all(buffers, ec);
+  }
+  std::size_t try_write(std::span<const asio::const_buffer> buffers, std::error_code& ec) override {
+    std::vector<asio::const_buffer> part;
+    std::size_t room = limit_;
+    for (const auto& b : buffers) {
+      if (room == 0) break;
+      part.emplace_back(b.data(), std::min(room, b.size()));
+      room -= part.back().size();
+    }
+    std::size_t total = 0;
+    for (const auto& b : buffers) total += b.size();
+    if (total > limit_) cut_->fetch_add(1);
+    return inner_->try_write(part, ec);
+  }
+  void shutdown_receive() override { inner_->shutdown_receive(); }
+  void close() override { inner_->close(); }
+  std::string peer() const override { return inner_->peer(); }
+
+ private:
+  std::unique_ptr<SocketStream> inner_;
+  std::size_t limit_;
+  std::shared_ptr<std::atomic<int>> cut_;
+};
+
 // Forwards to a MemoryDevice but never completes try_read/try_write inline
 // (the Device defaults say "would block"), so every read and write runs on
 // the I/O pool, as a FileDevice's do on a page-cache miss; this is also the
@@ -287,6 +327,7 @@ class ConnectionHarness : public ::testing::Test {
     bool structured = false;
     bool base_allocation = false;
     ConnectionLimits limits = {};
+    std::size_t try_write_limit = 0;  // > 0: a ChoppyStream with this limit
   };
 
   ConnectionHarness() : pool_(4), guard_(asio::make_work_guard(io_)) {}
@@ -369,7 +410,7 @@ class ConnectionHarness : public ::testing::Test {
   }
 
   // A new connection; the client has not read the greeting yet.
-  Session& start(const ConnectionLimits& limits = {}) {
+  Session& start(const ConnectionLimits& limits = {}, std::size_t try_write_limit = 0) {
     int fds[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) != 0) {
       throw RawClientError(std::string("socketpair: ") + std::strerror(errno));
@@ -379,9 +420,14 @@ class ConnectionHarness : public ::testing::Test {
     ServerContext context{&registry_, &pool_, limits, nullptr};
     auto s = std::make_unique<Session>();
     s->client = std::make_unique<RawClient>(fds[1]);
-    s->conn = std::make_shared<Connection>(io_.get_executor(),
-                                           std::make_unique<SocketStream>(std::move(socket)),
-                                           context, sessions_.size() + 1);
+    std::unique_ptr<Stream> stream = std::make_unique<SocketStream>(std::move(socket));
+    if (try_write_limit > 0) {
+      stream = std::make_unique<ChoppyStream>(
+          std::make_unique<SocketStream>(std::move(static_cast<SocketStream&>(*stream).socket())),
+          try_write_limit, cut_writes_);
+    }
+    s->conn = std::make_shared<Connection>(io_.get_executor(), std::move(stream), context,
+                                           sessions_.size() + 1);
     s->done = std::make_shared<Done>();
     auto conn = s->conn;
     auto on_done = [done = s->done](std::exception_ptr e) {
@@ -432,7 +478,7 @@ class ConnectionHarness : public ::testing::Test {
 
   // A connection in transmission.
   Session& open(const OpenOptions& o) {
-    Session& s = start(o.limits);
+    Session& s = start(o.limits, o.try_write_limit);
     handshake(s.c());
     if (o.structured) enable_structured(s.c());
     if (o.base_allocation) select_base_allocation(s.c(), o.export_name);
@@ -583,6 +629,7 @@ class ConnectionHarness : public ::testing::Test {
   std::shared_ptr<PoolDevice> slow_;
   std::vector<std::unique_ptr<Session>> sessions_;
   std::shared_ptr<std::atomic<int>> releases_ = std::make_shared<std::atomic<int>>(0);
+  std::shared_ptr<std::atomic<int>> cut_writes_ = std::make_shared<std::atomic<int>>(0);
   uint64_t next_cookie_ = 0x1000;
 };
 
@@ -1710,6 +1757,37 @@ TEST_F(Transmission, PoolWritesFinishingTogetherAreEachAnsweredOnce) {
           << "round " << round << " write " << i;
     }
   }
+  expect_alive(c);
+}
+
+// A write reply that the socket takes only in part (try_write cut to 5
+// bytes) is finished by the writer from where the socket stopped: every
+// reply arrives whole, in a stream that stays in step, and the cut path ran.
+TEST_F(Transmission, RepliesTheSocketTakesInPartArriveWhole) {
+  RawClient& c = open({.export_name = "slow", .structured = true, .try_write_limit = 5}).c();
+  constexpr int kRounds = 8;
+  constexpr uint32_t kLen = 4096;
+  for (int round = 0; round < kRounds; ++round) {
+    std::map<uint64_t, p::RequestHeader> pending;
+    for (int i = 0; i < 4; ++i) {
+      p::RequestHeader w = request(p::Command::write, uint64_t(i) * kLen, kLen);
+      c.send_request(w, test::pattern(kLen, uint8_t(round * 4 + i)));
+      pending[w.cookie] = w;
+    }
+    for (int i = 0; i < 4; ++i) {
+      p::SimpleReply r = c.read_simple_reply();
+      EXPECT_EQ(r.error, 0u);
+      EXPECT_EQ(pending.erase(r.cookie), 1u) << "round " << round;
+    }
+    StructuredRead back = read_structured(c, 0, 4 * kLen);
+    ASSERT_EQ(back.error, 0u);
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_EQ(Bytes(back.data.begin() + i * kLen, back.data.begin() + (i + 1) * kLen),
+                test::pattern(kLen, uint8_t(round * 4 + i)))
+          << "round " << round << " write " << i;
+    }
+  }
+  EXPECT_GT(cut_writes_->load(), 0) << "no reply was cut short";
   expect_alive(c);
 }
 
