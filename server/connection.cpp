@@ -12,8 +12,9 @@
 // - WRITEs that need the pool skip the coroutine: the reader hands the
 //   request to a reusable WriteJob, the pool thread runs it and pushes it on
 //   a mutex-guarded done list, and one posted drain_write_done() answers every
-//   job finished by then. The hot write path allocates nothing, and a burst of
-//   finished writes costs one post back to the event loop.
+//   job finished by then and sends the replies at once. No allocation of its
+//   own per request; waking the serial queue and posting the drain happen
+//   only when their target was idle, so a burst of writes shares them.
 // - Writer: replies go into a queue; one writer coroutine sends everything
 //   queued with one gathered write, so replies are never interleaved.
 #include "server/connection.hpp"
@@ -131,6 +132,26 @@ void append_wire_buffers(It first, It last, std::vector<asio::const_buffer>& out
 }
 
 }  // namespace
+
+// The drain posted to the connection's executor. If the event loop stops
+// before running it, destroying it unrun breaks the cycle of finished jobs
+// holding the connection that owns them (the connection is then freed with
+// the loop, as a request coroutine's frame would be).
+struct Connection::DrainHandler {
+  std::shared_ptr<Connection> self;
+  bool ran = false;
+
+  explicit DrainHandler(std::shared_ptr<Connection> s) : self(std::move(s)) {}
+  DrainHandler(DrainHandler&& o) noexcept : self(std::move(o.self)), ran(o.ran) {}
+  DrainHandler& operator=(DrainHandler&&) = delete;
+  ~DrainHandler() {
+    if (self && !ran) self->abandon_write_done();
+  }
+  void operator()() {
+    ran = true;
+    self->drain_write_done();
+  }
+};
 
 // One WRITE on its way through the I/O pool. Reused: idle jobs wait in
 // idle_write_jobs_. While in flight it holds the connection (keep), so the
@@ -582,13 +603,25 @@ void Connection::post_write_done(WriteJob* job) {
     done_posted_ = true;
   }
   // Until the drain posted here runs, nothing takes `job` off the list, so
-  // job->keep is still set.
+  // job->keep is still set. No work guard is needed: the reader keeps a read
+  // or a timer pending until in_flight_ (which counts this job) is zero.
   if (!post) return;
   if (auto* ex = executor_.target<asio::io_context::executor_type>()) {
-    asio::post(*ex, [self = job->keep] { self->drain_write_done(); });
+    asio::post(*ex, DrainHandler{job->keep});
   } else {
-    asio::post(executor_, [self = job->keep] { self->drain_write_done(); });
+    asio::post(executor_, DrainHandler{job->keep});
   }
+}
+
+void Connection::abandon_write_done() {
+  WriteJob* list;
+  {
+    std::lock_guard lock(done_mu_);
+    list = done_head_;
+    done_head_ = nullptr;
+    done_posted_ = false;
+  }
+  for (; list; list = list->next_done) list->keep.reset();  // the caller holds one
 }
 
 void Connection::drain_write_done() {
@@ -852,8 +885,9 @@ void Connection::flush_now() {
 void Connection::wake() { wake_timer_.cancel(); }
 
 asio::awaitable<void> Connection::async_wait_queue_room() {
-  // Only the writer empties the queue, and it runs while the queue is not
-  // empty; every batch it sends (and its exit) cancels drained_timer_.
+  // Only the writer and flush_now() empty the queue; the writer runs while
+  // the queue is not empty, and every batch either sends (and the writer's
+  // exit) cancels drained_timer_.
   // Bounded: each turn waits for a batch to go out or the writer to stop.
   while (queued_data_bytes_ >= kMaxQueuedReadBytes && writing_ && !failed_) {
     boost::system::error_code ec;

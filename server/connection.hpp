@@ -4,7 +4,7 @@
 // requests, request coroutines that run device calls (inline when they cannot
 // block, on the I/O pool otherwise) and a single writer that batches replies.
 // Every member is touched only on the connection's executor (one thread of an
-// io_context), so there is no locking here.
+// io_context), except the done list of finished pool writes (done_mu_).
 #pragma once
 
 #include <array>
@@ -115,11 +115,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // WRITE that must go to the I/O pool: no coroutine, a reusable job object
   // and a completion mailbox, so the hot write path allocates nothing.
   struct WriteJob;
+  struct DrainHandler;
   void start_write(const protocol::RequestHeader& h, Buffer payload);
   void start_pool_write(const protocol::RequestHeader& h, Buffer payload);
   // Pool thread: hands a finished job back to the connection's executor.
   void post_write_done(WriteJob* job);
   void drain_write_done();
+  // The posted drain was destroyed unrun (the event loop stopped first):
+  // lets go of the finished jobs' hold on this connection. Any thread.
+  void abandon_write_done();
   void finish_write(WriteJob* job);
   void reply_error(const protocol::RequestHeader& h, protocol::Error err, std::string_view message,
                    Reply& r);

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/io_context.hpp>
@@ -1789,6 +1790,39 @@ TEST_F(Transmission, RepliesTheSocketTakesInPartArriveWhole) {
   }
   EXPECT_GT(cut_writes_->load(), 0) << "no reply was cut short";
   expect_alive(c);
+}
+
+// A write finishing on the pool after its connection's event loop has
+// stopped (server shutdown after the grace period) posts its completion to
+// a loop that never runs it. Destroying that loop must still free the
+// connection: the finished job's hold on it is let go.
+TEST_F(Transmission, WriteFinishingAfterTheLoopStoppedDoesNotLeakTheConnection) {
+  auto io = std::make_unique<asio::io_context>(1);
+  int fds[2];
+  ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
+  asio::generic::stream_protocol::socket socket(
+      *io, asio::generic::stream_protocol(AF_UNIX, SOCK_STREAM), fds[0]);
+  RawClient c(fds[1]);
+  ServerContext context{&registry_, &pool_, {}, nullptr};
+  auto conn = std::make_shared<Connection>(
+      io->get_executor(), std::make_unique<SocketStream>(std::move(socket)), context, 99);
+  std::weak_ptr<Connection> weak = conn;
+  asio::co_spawn(
+      *io, [conn] { return conn->async_run(); }, asio::detached);
+  conn.reset();
+  std::thread loop([&io] { io->run(); });
+  handshake(c);
+  (void)go(c, "slow");
+  slow_->gate.close();
+  c.send_request(request(p::Command::write, 0, 4096), test::pattern(4096, 3));
+  ASSERT_TRUE(slow_->gate.wait_entered(1));
+  io->stop();
+  loop.join();
+  slow_->gate.open();
+  pool_.join();  // the write has finished and posted its completion
+  EXPECT_FALSE(weak.expired()) << "nothing should free the connection before its loop goes";
+  io.reset();
+  EXPECT_TRUE(weak.expired()) << "the connection outlived its event loop";
 }
 
 TEST_F(Transmission, CloseNowDropsInFlightReplies) {
