@@ -23,6 +23,7 @@
 #include <array>
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -613,25 +614,19 @@ void Connection::post_write_done(WriteJob* job) {
   }
 }
 
+Connection::WriteJob* Connection::take_write_done() {
+  std::lock_guard lock(done_mu_);
+  done_posted_ = false;
+  return std::exchange(done_head_, nullptr);
+}
+
 void Connection::abandon_write_done() {
-  WriteJob* list;
-  {
-    std::lock_guard lock(done_mu_);
-    list = done_head_;
-    done_head_ = nullptr;
-    done_posted_ = false;
-  }
+  WriteJob* list = take_write_done();
   for (; list; list = list->next_done) list->keep.reset();  // the caller holds one
 }
 
 void Connection::drain_write_done() {
-  WriteJob* list;
-  {
-    std::lock_guard lock(done_mu_);
-    list = done_head_;
-    done_head_ = nullptr;
-    done_posted_ = false;
-  }
+  WriteJob* list = take_write_done();
   WriteJob* ordered = nullptr;  // oldest first
   while (list) {
     WriteJob* next = list->next_done;

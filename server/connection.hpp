@@ -121,6 +121,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Pool thread: hands a finished job back to the connection's executor.
   void post_write_done(WriteJob* job);
   void drain_write_done();
+  // Empties the done list (newest first) and clears done_posted_.
+  WriteJob* take_write_done();
   // The posted drain was destroyed unrun (the event loop stopped first):
   // lets go of the finished jobs' hold on this connection. Any thread.
   void abandon_write_done();
