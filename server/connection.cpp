@@ -158,17 +158,16 @@ struct Connection::DrainHandler {
 // idle_write_jobs_. While in flight it holds the connection (keep), so the
 // connection, its export and the device outlive it.
 struct Connection::WriteJob final : PoolJob {
-  Connection* conn = nullptr;
-  std::shared_ptr<Connection> keep;  // set while in flight
+  std::shared_ptr<Connection> keep;  // the owner; set while in flight
   block::Device* dev = nullptr;
   p::RequestHeader h{};
   Buffer payload;
   std::error_code ec;
-  WriteJob* next_done = nullptr;  // the done list; guarded by conn->done_mu_
+  WriteJob* next_done = nullptr;  // the done list; guarded by keep->done_mu_
 
   void run() noexcept override {
     ec = dev->write(h.offset, payload.span(), h.flags & p::kCmdFlagFua);
-    conn->post_write_done(this);
+    keep->post_write_done(this);
   }
   void drop() noexcept override {
     // The pool is gone (server teardown): nobody waits for this reply. The
@@ -560,6 +559,11 @@ void Connection::start_write(const p::RequestHeader& h, Buffer payload) {
     start_pool_write(h, std::move(payload));
     return;
   }
+  buffers_.put(std::move(payload));
+  send(write_reply(h, ec));
+}
+
+Reply Connection::write_reply(const p::RequestHeader& h, const std::error_code& ec) {
   log_request(h, ec);
   Reply r;
   r.charged_bytes = h.length;
@@ -568,8 +572,7 @@ void Connection::start_write(const p::RequestHeader& h, Buffer payload) {
   } else {
     reply_simple_ok(h, r);
   }
-  buffers_.put(std::move(payload));
-  send(std::move(r));
+  return r;
 }
 
 void Connection::start_pool_write(const p::RequestHeader& h, Buffer payload) {
@@ -577,7 +580,6 @@ void Connection::start_pool_write(const p::RequestHeader& h, Buffer payload) {
   if (idle_write_jobs_.empty()) {
     write_jobs_.push_back(std::make_unique<WriteJob>());
     job = write_jobs_.back().get();
-    job->conn = this;
   } else {
     job = idle_write_jobs_.back();
     idle_write_jobs_.pop_back();
@@ -643,14 +645,7 @@ void Connection::drain_write_done() {
 }
 
 void Connection::finish_write(WriteJob* job) {
-  log_request(job->h, job->ec);
-  Reply r;
-  r.charged_bytes = job->h.length;
-  if (job->ec) {
-    reply_error(job->h, p::to_nbd_error(job->ec.value(), job->h.flags), job->ec.message(), r);
-  } else {
-    reply_simple_ok(job->h, r);
-  }
+  Reply r = write_reply(job->h, job->ec);
   buffers_.put(std::move(job->payload));
   job->keep.reset();  // the caller holds the connection
   idle_write_jobs_.push_back(job);
@@ -843,16 +838,13 @@ void Connection::account_sent(Reply& r) {
   if (r.data.capacity() > 0) buffers_.put(std::move(r.data));
 }
 
-void Connection::gather(std::size_t n, std::vector<asio::const_buffer>& out) {
-  append_wire_buffers(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(n), out);
-}
-
 void Connection::flush_now() {
   if (writing_ || queue_.empty()) return;
   if (!failed_) {
     const std::size_t n = std::min(queue_.size(), kMaxBatch);
     flush_buffers_.clear();
-    gather(n, flush_buffers_);
+    append_wire_buffers(queue_.begin(), queue_.begin() + static_cast<std::ptrdiff_t>(n),
+                        flush_buffers_);
     std::size_t total = 0;
     for (const auto& b : flush_buffers_) total += b.size();
     std::error_code ec;

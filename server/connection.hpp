@@ -127,6 +127,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // lets go of the finished jobs' hold on this connection. Any thread.
   void abandon_write_done();
   void finish_write(WriteJob* job);
+  // The reply to a WRITE that ended with ec (logged here).
+  Reply write_reply(const protocol::RequestHeader& h, const std::error_code& ec);
   void reply_error(const protocol::RequestHeader& h, protocol::Error err, std::string_view message,
                    Reply& r);
   void reply_ok(const protocol::RequestHeader& h, Reply& r);
@@ -140,8 +142,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Sends what is queued now if the socket takes it all; otherwise (or if
   // the writer is busy) leaves it to the writer coroutine.
   void flush_now();
-  // Appends the wire buffers of replies [0, n) of queue_ to out.
-  void gather(std::size_t n, std::vector<asio::const_buffer>& out);
   // Releases a sent (or dropped) reply's budget and buffers.
   void account_sent(Reply& r);
   asio::awaitable<void> async_writer();
